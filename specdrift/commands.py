@@ -1,0 +1,83 @@
+"""`specdrift prepare` and `specdrift serve`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from specdrift.config import load_config
+from specdrift.processes import ProcessStack, StartupError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("prepare", help="build the target model (and missing drafters) into the cache")
+    p.add_argument("--config", required=True, help="experiment config file (YAML)")
+    p.add_argument("--skip-drafters", action="store_true", help="only the target model")
+    p.set_defaults(handler=prepare_command)
+
+    s = subparsers.add_parser("serve", help="run the arms (and the gateway) in the foreground until Ctrl-C")
+    s.add_argument("--config", required=True, help="experiment config file (YAML)")
+    s.add_argument("--arms", help="comma-separated arm names (default: all)")
+    s.add_argument("--no-gateway", action="store_true", help="start the arms only")
+    s.add_argument("--log-dir", help="folder for per-process logs (default: <cache>/logs/serve)")
+    s.add_argument("--health-timeout", type=float, default=300, help="seconds to wait for each arm (default 300)")
+    s.set_defaults(handler=serve_command)
+
+
+def prepare_command(args) -> int:
+    from specdrift.models import ModelError, prepare_target
+
+    config = load_config(args.config)
+    try:
+        prepare_target(config)
+    except ModelError as err:
+        print(f"specdrift prepare: {err}", file=sys.stderr)
+        return 1
+    if not args.skip_drafters and config.drafters:
+        from drafters.build import build_missing_drafters
+
+        build_missing_drafters(config)
+    return 0
+
+
+def serve_command(args) -> int:
+    from specdrift.arms import start_arms
+
+    config = load_config(args.config)
+    names = [n.strip() for n in args.arms.split(",") if n.strip()] if args.arms else None
+    if names:
+        for name in names:
+            config.arm(name)  # unknown names fail here, before anything starts
+    log_dir = Path(args.log_dir) if args.log_dir else config.cache_path / "logs" / "serve"
+    with ProcessStack() as stack:
+        try:
+            upstreams = start_arms(config, names, log_dir, stack, args.health_timeout)
+        except StartupError as err:
+            print(f"specdrift serve: {err}", file=sys.stderr)
+            return 1
+        for name, urls in upstreams.items():
+            print(f"{name}: {', '.join(urls)}", flush=True)
+        if not args.no_gateway:
+            from service.launch import start_gateway
+
+            try:
+                url = start_gateway(config, upstreams, log_dir, stack)
+            except StartupError as err:
+                print(f"specdrift serve: {err}", file=sys.stderr)
+                return 1
+            print(f"gateway: {url}", flush=True)
+        try:
+            while True:
+                for child in stack.children:
+                    if not child.alive():
+                        print(f"specdrift serve: {child.name} exited with code {child.proc.returncode}; "
+                              f"see {child.log_path}", file=sys.stderr)
+                        return 1
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("specdrift serve: stopping", file=sys.stderr)
+    return 0

