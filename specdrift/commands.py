@@ -27,6 +27,13 @@ def register(subparsers) -> None:
     s.add_argument("--health-timeout", type=float, default=300, help="seconds to wait for each arm (default 300)")
     s.set_defaults(handler=serve_command)
 
+    r = subparsers.add_parser("run", help="run the whole experiment and write the report")
+    r.add_argument("--config", required=True, help="experiment config file (YAML)")
+    r.add_argument("--out", help="run directory (default: runs/<name>-<UTC time>)")
+    r.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    r.add_argument("--arms", help="comma-separated arm names (default: all)")
+    r.set_defaults(handler=run_command)
+
 
 def prepare_command(args) -> int:
     from specdrift.models import ModelError, prepare_target
@@ -41,6 +48,21 @@ def prepare_command(args) -> int:
         from drafters.build import build_missing_drafters
 
         build_missing_drafters(config)
+    return 0
+
+
+def run_command(args) -> int:
+    from loadgen.runner import RunError, run_experiment
+
+    config = load_config(args.config)
+    names = [n.strip() for n in args.arms.split(",") if n.strip()] if args.arms else None
+    for name in names or []:
+        config.arm(name)
+    try:
+        run_experiment(config, Path(args.out) if args.out else None, args.resume, names)
+    except (RunError, StartupError) as err:
+        print(f"specdrift run: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
