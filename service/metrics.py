@@ -1,0 +1,104 @@
+"""The gateway's Prometheus metrics (docs/formats.md, "Gateway metrics").
+
+Labels are bounded: `arm` is a configured arm, and `run`, `task`, `stratum`
+come from service/tags.py's vocabulary (else `other`). Latency and token
+histograms see successful requests only; counters see every recorded request,
+so that each counter equals the sum of its column over the records."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+LABELS = ("run", "arm", "task", "stratum")
+# vLLM caps num_speculative_tokens far below this; it bounds `position` against a misbehaving upstream.
+MAX_POSITIONS = 32
+
+SECONDS_E2E = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+SECONDS_TTFT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
+SECONDS_PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+UPSTREAM_ERROR_KINDS = {"upstream_error": "error", "upstream_unavailable": "unavailable",
+                        "upstream_timeout": "timeout", "upstream_died": "died"}
+
+
+class GatewayMetrics:
+    def __init__(self, arms: list[str]):
+        # `_created` series would double the exposition and nothing here reads them.
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter("specdrift_requests_total", "Accepted requests by outcome (one per record).",
+                                LABELS + ("status",), registry=r)
+        self.duration = Histogram("specdrift_request_duration_seconds",
+                                  "End-to-end request time seen by the gateway.", LABELS, buckets=SECONDS_E2E,
+                                  registry=r)
+        self.ttft = Histogram("specdrift_time_to_first_token_seconds", "Time to the first output token.", LABELS,
+                              buckets=SECONDS_TTFT, registry=r)
+        self.tpot = Histogram("specdrift_time_per_output_token_seconds",
+                              "Decode time per output token after the first.", LABELS, buckets=SECONDS_PER_TOKEN,
+                              registry=r)
+        self.itl = Histogram("specdrift_inter_token_latency_seconds",
+                             "Gaps between successive chunks that carry output tokens.", LABELS,
+                             buckets=SECONDS_PER_TOKEN, registry=r)
+        self.prompt_tokens = Histogram("specdrift_prompt_tokens", "Prompt length in tokens.", LABELS,
+                                       buckets=TOKENS, registry=r)
+        self.completion_tokens = Histogram("specdrift_completion_tokens", "Completion length in tokens.", LABELS,
+                                           buckets=TOKENS, registry=r)
+        self.drafts = Counter("specdrift_spec_decode_drafts_total", "Speculative verify steps that had drafts.",
+                              LABELS, registry=r)
+        self.draft_tokens = Counter("specdrift_spec_decode_draft_tokens_total", "Draft tokens proposed.", LABELS,
+                                    registry=r)
+        self.accepted_tokens = Counter("specdrift_spec_decode_accepted_tokens_total", "Draft tokens accepted.",
+                                       LABELS, registry=r)
+        self.accepted_per_pos = Counter("specdrift_spec_decode_accepted_tokens_per_pos_total",
+                                        "Draft tokens accepted at each draft position (0 = first).",
+                                        LABELS + ("position",), registry=r)
+        self.in_flight = Gauge("specdrift_requests_in_flight", "Requests the gateway is serving now.", ("arm",),
+                               registry=r)
+        self.upstream_errors = Counter("specdrift_upstream_errors_total", "Failed upstream exchanges by kind.",
+                                       ("arm", "kind"), registry=r)
+        self.rejected = Counter("specdrift_rejected_requests_total",
+                                "Requests refused before acceptance (not recorded), by reason.", ("reason",),
+                                registry=r)
+        self.record_write_failures = Counter("specdrift_record_write_failures_total",
+                                             "Records that could not be written to the store.", registry=r)
+        for arm in arms:
+            self.in_flight.labels(arm)  # exported as 0 before the first request
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observe(self, record: dict[str, Any], labels: tuple[str, str, str], gaps: list[float]) -> None:
+        """Count one finished request from its record (`gaps`: its inter-token gaps)."""
+        run, task, stratum = labels
+        key = (run, record["arm"], task, stratum)
+        status = record["status"]
+        self.requests.labels(*key, status).inc()
+        kind = UPSTREAM_ERROR_KINDS.get(status)
+        if kind:
+            self.upstream_errors.labels(record["arm"], kind).inc()
+        if status == "ok":
+            self.duration.labels(*key).observe(record["e2e_s"])
+            if record["ttft_s"] is not None:
+                self.ttft.labels(*key).observe(record["ttft_s"])
+            if record["tpot_s"] is not None:
+                self.tpot.labels(*key).observe(record["tpot_s"])
+            if gaps:
+                itl = self.itl.labels(*key)
+                for gap in gaps:
+                    itl.observe(gap)
+            if record["prompt_tokens"] is not None:
+                self.prompt_tokens.labels(*key).observe(record["prompt_tokens"])
+            if record["completion_tokens"] is not None:
+                self.completion_tokens.labels(*key).observe(record["completion_tokens"])
+        if record.get("spec_drafts") is not None:
+            self.drafts.labels(*key).inc(record["spec_drafts"])
+            self.draft_tokens.labels(*key).inc(record["spec_draft_tokens"] or 0)
+            self.accepted_tokens.labels(*key).inc(record["spec_accepted_tokens"] or 0)
+            if record.get("spec_accepted_per_pos"):
+                per_pos = json.loads(record["spec_accepted_per_pos"])[:MAX_POSITIONS]
+                for position, count in enumerate(per_pos):
+                    self.accepted_per_pos.labels(*key, str(position)).inc(count)

@@ -1,0 +1,328 @@
+"""Proxying one accepted request: stream from the arm, measure every chunk,
+pass the stream on (or assemble one response), and record the outcome.
+
+`Relay` is an ASGI response, so it controls exactly when the client's status
+line goes out: only once the arm has sent its first event. Until then any
+failure still becomes a proper HTTP error (503, 504, the arm's own 4xx).
+After that, a failure becomes an SSE error event that ends the stream.
+
+A task watches for the client going away and cancels the relay; cancelling
+closes the upstream connection, which makes vLLM abort the request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from starlette.responses import Response
+
+from service.assemble import Assembly
+from service.errors import ERROR_SOURCE_HEADER, error_body
+from service.measure import Measurement
+from service.records import RecordStoreError
+from service.upstreams import Arm, Replica
+
+if TYPE_CHECKING:
+    from service.app import Gateway
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_PATH = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+DONE = b"[DONE]"
+DONE_EVENT = b"data: [DONE]\n\n"
+# Fields the gateway asks the arm for on the client's behalf; removed again
+# unless the client asked for them itself.
+INJECTED_TOP_LEVEL = ("prompt_token_ids", "prompt_text")
+INJECTED_PER_CHOICE = ("token_ids", "prompt_token_ids")
+
+
+class UpstreamFailure(Exception):
+    def __init__(self, status: str, http_status: int, message: str, client_told: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.http_status = http_status
+        self.message = message
+        # The arm's own error event already went to the client.
+        self.client_told = client_told
+
+
+def sse_data(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def split_events(buffer: bytearray) -> list[bytes]:
+    """Complete SSE events' data fields, removed from the front of `buffer`."""
+    if b"\r" in buffer:
+        buffer[:] = buffer.replace(b"\r\n", b"\n")
+    found = []
+    while (end := buffer.find(b"\n\n")) >= 0:
+        event = bytes(buffer[:end])
+        del buffer[:end + 2]
+        if event.startswith(b"data: ") and b"\n" not in event:
+            found.append(event[6:])  # vLLM's one-line events: the fast path
+            continue
+        data = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+        if data:
+            found.append(b"\n".join(data))
+    return found
+
+
+class Relay(Response):
+    """The route's response; FastAPI calls it as an ASGI app."""
+
+    def __init__(self, gateway: "Gateway", arm: Arm, measurement: Measurement, payload: dict[str, Any],
+                 client_wants_usage: bool, client_wants_token_ids: bool):
+        self.background = None  # what FastAPI expects of a Response
+        self.gateway = gateway
+        self.arm = arm
+        self.measurement = measurement
+        self.payload = payload
+        self.client_wants_usage = client_wants_usage
+        self.client_wants_token_ids = client_wants_token_ids
+        info = measurement.info
+        self.stream = info.stream
+        self.assembly = None if info.stream else Assembly(info.endpoint, arm.name, client_wants_token_ids)
+        self.client_gone = False
+        self.recorded = False
+        self.finished = False
+        self.started = False
+
+    # --- ASGI ---------------------------------------------------------------
+    async def __call__(self, scope, receive, send) -> None:
+        task = asyncio.current_task()
+        watcher = asyncio.create_task(self._cancel_on_disconnect(receive, task))
+        self.arm.in_flight += 1
+        in_flight = self.gateway.metrics.in_flight.labels(self.arm.name)
+        in_flight.inc()
+        try:
+            await self._relay(send)
+        except asyncio.CancelledError:
+            self._finish_cancelled()
+            if not self.client_gone:
+                raise  # the server is stopping: let the cancellation run its course
+            task.uncancel()
+        finally:
+            watcher.cancel()
+            self.arm.in_flight -= 1
+            in_flight.dec()
+
+    async def _cancel_on_disconnect(self, receive, task: asyncio.Task) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+        if not self.finished:  # after the last byte, uvicorn reports a disconnect too
+            self.client_gone = True
+            task.cancel()
+
+    # --- the exchange ----------------------------------------------------------
+    async def _relay(self, send) -> None:
+        try:
+            replica, upstream = await self._open()
+        except UpstreamFailure as failure:
+            await self._fail(send, failure)
+            return
+        try:
+            if upstream.status_code != 200:
+                await self._pass_upstream_error(send, upstream)
+                return
+            failure = await self._pump(send, upstream)
+        finally:
+            replica.outstanding -= 1
+            await upstream.aclose()
+        if failure is not None:
+            await self._fail(send, failure)
+
+    async def _open(self) -> tuple[Replica, httpx.Response]:
+        """Send the request to the least busy replica; on a refused connection, try the next."""
+        gateway, info = self.gateway, self.measurement.info
+        last_error = "no replica"
+        for replica in self.arm.by_preference():
+            self.payload["model"] = replica.served_model or self.arm.name
+            request = gateway.client.build_request(
+                "POST", replica.url + UPSTREAM_PATH[info.endpoint], content=json.dumps(self.payload).encode(),
+                headers={"content-type": "application/json", "accept-encoding": "identity",
+                         "x-request-id": info.request_id})
+            replica.outstanding += 1
+            try:
+                response = await gateway.client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:
+                replica.outstanding -= 1
+                last_error = f"{replica.url}: {type(err).__name__}: {err}"
+                continue
+            except httpx.TimeoutException as err:
+                replica.outstanding -= 1
+                self.measurement.upstream = replica.url
+                raise UpstreamFailure("upstream_timeout", 504, f"arm {self.arm.name!r} did not answer within "
+                                      f"{gateway.settings.read_timeout_s:g}s ({type(err).__name__})") from None
+            except httpx.HTTPError as err:
+                replica.outstanding -= 1
+                self.measurement.upstream = replica.url
+                raise UpstreamFailure("upstream_died", 502, f"arm {self.arm.name!r} failed: "
+                                      f"{type(err).__name__}: {err}") from None
+            except BaseException:
+                replica.outstanding -= 1
+                raise
+            self.measurement.upstream = replica.url
+            return replica, response
+        raise UpstreamFailure("upstream_unavailable", 503, f"arm {self.arm.name!r} is unreachable ({last_error})")
+
+    async def _pump(self, send, upstream: httpx.Response) -> UpstreamFailure | None:
+        """Relay the arm's events until [DONE]; returns the failure that ended it early, if any."""
+        measurement, assembly = self.measurement, self.assembly
+        chat = measurement.info.endpoint == "chat"
+        rewrite = not self.client_wants_token_ids or measurement.info.arm != self.payload["model"]
+        buffer = bytearray()
+        arm_error: dict[str, Any] | None = None
+        try:
+            async for raw in upstream.aiter_raw():
+                now = time.perf_counter()
+                buffer += raw
+                outgoing = []
+                for data in split_events(buffer):
+                    if data == DONE:
+                        return await self._complete(send, outgoing)
+                    try:
+                        event = json.loads(data)
+                    except ValueError:
+                        return UpstreamFailure("upstream_error", 502, f"arm sent an event that is not JSON: {data[:200]!r}")
+                    if not isinstance(event, dict):
+                        continue
+                    if "error" in event:
+                        arm_error = event
+                    choices = event.get("choices")
+                    if choices:
+                        self._measure(now, choices[0], chat)
+                    if event.get("usage"):
+                        measurement.usage = event["usage"]
+                        metrics = event.get("metrics")
+                        if isinstance(metrics, dict):
+                            measurement.spec = metrics.get("speculative_decoding")
+                    if assembly is not None:
+                        assembly.add(event)
+                    elif choices or arm_error or (self.client_wants_usage and event.get("usage")):
+                        outgoing.append(self._client_event(event, data, rewrite))
+                if outgoing:
+                    await self._send_stream(send, b"".join(outgoing))
+                if arm_error is not None:
+                    error = arm_error.get("error")
+                    message = error.get("message") if isinstance(error, dict) else str(error)
+                    return UpstreamFailure("upstream_error", 502, f"arm reported an error mid-stream: {message}",
+                                           client_told=self.started)
+        except httpx.TimeoutException:
+            return UpstreamFailure("upstream_timeout", 504, f"arm {self.arm.name!r} sent nothing for "
+                                   f"{self.gateway.settings.read_timeout_s:g}s")
+        except httpx.HTTPError as err:
+            return UpstreamFailure("upstream_died", 502, f"arm {self.arm.name!r} broke the stream: "
+                                   f"{type(err).__name__}: {err}")
+        return UpstreamFailure("upstream_died", 502, f"arm {self.arm.name!r} ended the stream without [DONE]")
+
+    def _measure(self, now: float, choice: dict[str, Any], chat: bool) -> None:
+        if chat:
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            carries = text or delta.get("reasoning") or delta.get("reasoning_content") or delta.get("tool_calls")
+        else:
+            text = carries = choice.get("text")
+        token_ids = choice.get("token_ids")
+        if token_ids:
+            self.measurement.on_output(now, token_ids, text)
+        elif token_ids is None and carries:
+            self.measurement.on_output(now, None, text)
+        if choice.get("finish_reason"):
+            self.measurement.finish_reason = choice["finish_reason"]
+
+    def _client_event(self, event: dict[str, Any], data: bytes, rewrite: bool) -> bytes:
+        if not rewrite:
+            return b"data: " + data + b"\n\n"
+        if not self.client_wants_token_ids:
+            for key in INJECTED_TOP_LEVEL:
+                event.pop(key, None)
+            for choice in event.get("choices") or ():
+                for key in INJECTED_PER_CHOICE:
+                    choice.pop(key, None)
+        if "model" in event:
+            event["model"] = self.arm.name
+        return sse_data(event)
+
+    # --- endings -------------------------------------------------------------
+    async def _complete(self, send, outgoing: list[bytes]) -> None:
+        record = self.measurement.record("ok", 200)
+        await self._commit(record)
+        if self.stream:
+            await self._send_stream(send, b"".join(outgoing) + DONE_EVENT, last=True)
+        else:
+            await self._send_whole(send, 200, json.dumps(self.assembly.response(), ensure_ascii=False).encode())
+
+    async def _fail(self, send, failure: UpstreamFailure) -> None:
+        http_status = 200 if self.started else failure.http_status
+        record = self.measurement.record(failure.status, http_status, failure.message)
+        await self._commit(record)
+        if failure.client_told:
+            await self._send_stream(send, DONE_EVENT, last=True)
+        elif self.started:
+            error = {"message": failure.message, "type": failure.status, "param": None, "code": failure.http_status}
+            await self._send_stream(send, sse_data({"error": error}) + DONE_EVENT, last=True)
+        else:
+            await self._send_whole(send, failure.http_status,
+                                   error_body(failure.http_status, failure.message, failure.status), upstream=True)
+
+    async def _pass_upstream_error(self, send, upstream: httpx.Response) -> None:
+        """The arm refused the request (e.g. a prompt too long): pass its answer on."""
+        body = await upstream.aread()
+        try:
+            parsed = json.loads(body)
+            message = str(parsed["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            message = body[:500].decode(errors="replace") or f"HTTP {upstream.status_code}"
+            body = error_body(upstream.status_code, message, "upstream_error")
+        record = self.measurement.record("upstream_error", upstream.status_code, message)
+        await self._commit(record)
+        await self._send_whole(send, upstream.status_code, body, upstream=True)
+
+    def _finish_cancelled(self) -> None:
+        """Record a request cut short by the client leaving or the gateway stopping."""
+        if self.recorded:  # cut short while its record was being committed: that record stands
+            return
+        status = "client_disconnect" if self.client_gone else "gateway_shutdown"
+        record = self.measurement.record(status, 200 if self.started else None,
+                                         "client disconnected" if self.client_gone else "gateway stopped")
+        self.gateway.store.write_nowait(record)
+        self.gateway.metrics.observe(record, self.measurement.info.labels, self.measurement.gaps)
+
+    async def _commit(self, record: dict[str, Any]) -> None:
+        """Store the record, and wait for it, before the client hears the request is done."""
+        self.recorded = True
+        try:
+            await self.gateway.store.write(record)
+        except RecordStoreError:
+            self.gateway.metrics.record_write_failures.inc()
+        self.gateway.metrics.observe(record, self.measurement.info.labels, self.measurement.gaps)
+
+    # --- to the client -----------------------------------------------------------
+    @staticmethod
+    def _headers(content_type: bytes, upstream_error: bool = False) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", content_type)]
+        if upstream_error:
+            headers.append((ERROR_SOURCE_HEADER.lower().encode(), b"upstream"))
+        return headers
+
+    async def _send_stream(self, send, body: bytes, last: bool = False) -> None:
+        if not self.started:
+            self.started = True
+            headers = self._headers(b"text/event-stream; charset=utf-8") + [(b"cache-control", b"no-cache")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if last:
+            self.finished = True
+        await send({"type": "http.response.body", "body": body, "more_body": not last})
+
+    async def _send_whole(self, send, status: int, body: bytes, upstream: bool = False) -> None:
+        self.started = self.finished = True
+        headers = self._headers(b"application/json", upstream_error=upstream)
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,34 @@
+"""The gateway process: `python -m service.server --settings FILE`.
+
+One process, one event loop (uvloop, httptools): the overhead benchmark
+measures exactly this."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from service.settings import GatewaySettings
+
+
+def run(settings: GatewaySettings) -> None:
+    import uvicorn
+
+    from service.app import create_app
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+                access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s, log_level="info")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m service.server", description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", required=True, type=Path, help="GatewaySettings as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(GatewaySettings.model_validate_json(args.settings.read_text()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Everything one gateway process needs, in one validated object.
+
+`specdrift serve` and the experiment runner write it as JSON for the gateway
+child (`python -m service.server --settings FILE`); `specdrift gateway` builds
+it in-process. The bearer token itself never goes into the file: only the name
+of the environment variable that holds it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.tags import Vocabulary
+from specdrift.config import ExperimentConfig
+
+
+class GatewaySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8100, ge=0, le=65535)
+    # arm name -> upstream base URLs (replicas), without /v1.
+    upstreams: dict[str, list[str]]
+    records_path: Path
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    auth_token_env: str | None = None
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=300.0, gt=0)
+    vocabulary: Vocabulary = Field(default_factory=Vocabulary)
+    # How long a stopping gateway lets in-flight requests finish before it
+    # cancels (and records) them; below ProcessStack's 15 s SIGTERM grace.
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _some_replica_each(cls, upstreams: dict[str, list[str]]) -> dict[str, list[str]]:
+        if not upstreams:
+            raise ValueError("no arms to serve")
+        for arm, urls in upstreams.items():
+            if not urls:
+                raise ValueError(f"arm {arm!r} has no upstream URL")
+        return {arm: [u.rstrip("/") for u in urls] for arm, urls in upstreams.items()}
+
+    def auth_token(self) -> str | None:
+        """The bearer token clients must send, or None when auth is off."""
+        if not self.auth_token_env:
+            return None
+        token = os.environ.get(self.auth_token_env)
+        if not token:
+            raise ValueError(f"auth_token_env names {self.auth_token_env!r}, but that variable is unset or empty")
+        return token
+
+
+def default_records_path(config: ExperimentConfig) -> Path:
+    if config.gateway.records_path:
+        return config.resolve_path(config.gateway.records_path)
+    return config.cache_path / "records.sqlite"
+
+
+def settings_from_config(config: ExperimentConfig, upstreams: dict[str, list[str]], *,
+                         records_path: Path | None = None, port: int | None = None,
+                         run_ids: list[str] | None = None,
+                         vocabulary: dict[str, list[str]] | None = None) -> GatewaySettings:
+    gateway = config.gateway
+    if vocabulary is None:
+        from loadgen.workload import tag_vocabulary
+
+        vocabulary = tag_vocabulary(config)
+    return GatewaySettings(
+        host=gateway.host,
+        port=config.ports.gateway if port is None else port,
+        upstreams=upstreams,
+        records_path=Path(records_path) if records_path else default_records_path(config),
+        max_body_bytes=gateway.max_body_bytes,
+        max_tokens_limit=gateway.max_tokens_limit,
+        auth_token_env=gateway.auth_token_env,
+        connect_timeout_s=gateway.connect_timeout_s,
+        read_timeout_s=gateway.read_timeout_s,
+        vocabulary=Vocabulary(run=list(run_ids or []), task=list(vocabulary.get("task", [])),
+                              stratum=list(vocabulary.get("stratum", []))),
+    )

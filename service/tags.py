@@ -1,0 +1,77 @@
+"""Request tags: what a request is (run, task, stratum, prompt, load regime),
+read from `X-Specdrift-*` headers (docs/formats.md, "Request tags").
+
+Raw tag values go into the records. Prometheus labels only take values from a
+bounded vocabulary fixed at start-up; anything else is counted as `other`, so
+no client can grow the number of series."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field
+
+TAG_HEADERS = {
+    "run_id": "x-specdrift-run",
+    "task": "x-specdrift-task",
+    "stratum": "x-specdrift-stratum",
+    "prompt_id": "x-specdrift-prompt-id",
+    "regime": "x-specdrift-regime",
+}
+REQUEST_ID_HEADER = "X-Specdrift-Request-Id"
+MISSING = "none"
+UNKNOWN = "other"
+TAG_VALUE = re.compile(r"[A-Za-z0-9._:@+-]{1,128}")
+
+
+class TagError(ValueError):
+    """A tag header whose value is not allowed; the message names the header."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tags:
+    run_id: str = MISSING
+    task: str = MISSING
+    stratum: str = MISSING
+    prompt_id: str = MISSING
+    regime: str = MISSING
+
+
+def parse_tags(headers) -> Tags:
+    """Tags from request headers (a case-insensitive mapping); missing ones are `none`."""
+    values = {}
+    for field, header in TAG_HEADERS.items():
+        value = headers.get(header)
+        if value is None:
+            continue
+        if not TAG_VALUE.fullmatch(value):
+            raise TagError(f"header {header} must match [A-Za-z0-9._:@+-]{{1,128}}")
+        values[field] = value
+    return Tags(**values)
+
+
+class Vocabulary(BaseModel):
+    """The label values Prometheus may see, besides `none` and `other`."""
+
+    run: list[str] = Field(default_factory=list)
+    task: list[str] = Field(default_factory=list)
+    stratum: list[str] = Field(default_factory=list)
+
+
+class LabelMapper:
+    """Maps tags to bounded (run, task, stratum) label values."""
+
+    def __init__(self, vocabulary: Vocabulary):
+        self._allowed = {
+            "run": frozenset(vocabulary.run) | {MISSING},
+            "task": frozenset(vocabulary.task) | {MISSING},
+            "stratum": frozenset(vocabulary.stratum) | {MISSING},
+        }
+
+    def _bounded(self, kind: str, value: str) -> str:
+        return value if value in self._allowed[kind] else UNKNOWN
+
+    def labels(self, tags: Tags) -> tuple[str, str, str]:
+        return (self._bounded("run", tags.run_id), self._bounded("task", tags.task),
+                self._bounded("stratum", tags.stratum))
