@@ -1,1 +1,60 @@
-"""analysis"""
+"""The analysis: a finished run directory in, the answer out.
+
+`specdrift report RUN_DIR` (or `analysis.report.write_report(run_dir)`) reads
+the run directory and writes `results.json`, `report.md`, `report.html` and
+`figures/*.png` into it. It depends on nothing but the files below, so a run
+can be re-analysed, anywhere, without re-running it; the same inputs give a
+byte-identical `results.json` (seeded bootstrap, sorted keys, no timestamps).
+
+Input contract (the runner, loadgen/runner.py, writes these)
+------------------------------------------------------------
+`records.sqlite`, table `requests`, one row per request (service/records.py
+owns it). Columns read here:
+
+    request_id, run_id, arm, task, stratum, prompt_id, regime, status,
+    http_status, error, finish_reason, t_start, t_first_token, t_end (unix s),
+    ttft_s, e2e_s, tpot_s, prompt_tokens, completion_tokens, max_tokens,
+    temperature, spec_drafts (vLLM num_spec_steps), spec_draft_tokens,
+    spec_accepted_tokens, spec_accepted_per_pos (JSON list, index 0 = first
+    draft position), output_hash, output_hash_kind ('token_ids' | 'text')
+
+  Only rows with status 'ok' enter the statistics; the others are counted per
+  arm, regime and status. A missing column reads as null. The baseline arm is
+  sent every sequential-regime eval prompt twice (two rows with the same
+  prompt_id): that repeat is the noise floor for losslessness and for speed-up.
+
+`workload.jsonl`: one row per prompt with `id` (= records.prompt_id), `task`,
+  `stratum`, `prompt_tokens`, `split` ('train' | 'eval') and, on the rows of a
+  length-matched control, `control: {"task": A, "like": B}` (task A resampled
+  to task B's prompt lengths). Control rows are analysed as their own group,
+  named "A~B", and never pooled into a task. Optional: without it, groups come
+  from the records' `task` column and prompt lengths from `prompt_tokens`.
+
+`config.resolved.yaml`: the ExperimentConfig (specdrift/config.py). Read:
+  `arms[].name`, `arms[].speculative.{method, num_speculative_tokens,
+  drafter}`, `baseline_arm`, `drafters[].{name, init, tasks}`, `regimes`
+  (their `.label`s are the records' `regime` values, in load order),
+  `target.dtype`, `temperature`.
+
+`environment.json`: shown in the report as it is (scalars, two levels deep).
+
+`drafters/<name>/drafter_card.json`: `name`, `init`, `tasks`, and
+  `training_data.lengths = {"prompt": [...], "output": [...],
+  "by_task": {task: {"prompt": [...], "output": [...]}}}`: the raw token
+  lengths of the drafter's training split, prompt[i] and output[i] from the
+  same example (so their sum is the total length).
+
+`cost.json` (optional): the measured draft/target step-cost ratio per arm,
+
+    {"arms": {"<arm>": {"c": 0.18, "method": "how it was measured, one line",
+                        "draft_step_s": 0.0046, "target_step_s": 0.026,
+                        "n": 50}}}
+
+  `c` and `method` are required per arm; the other fields are shown when
+  present. For a speculative arm missing from it, c is estimated from the
+  records as c = (tau / S_tpot - 1) / gamma (S_tpot: the sequential-regime
+  geometric-mean TPOT speed-up); the report says which method each arm used,
+  and that the estimate makes the predicted-vs-measured comparison circular.
+
+How to read the outputs: docs/report.md.
+"""

@@ -1,0 +1,319 @@
+"""The report's figures (matplotlib, Agg), drawn from results.json; only the
+drift figure reads the raw request times. Each function returns the figure's
+caption, or None when the run has no data for it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from analysis import text
+from analysis.results import ALL, HEADLINE, find_cell, stratum_key
+from analysis.rundir import RunData
+
+DPI = 110
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "figure.constrained_layout.use": True})
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    fig.clf()
+    _pyplot().close(fig)
+
+
+def _log_axis(ax, unit: str) -> None:
+    """A log y axis labelled in plain numbers ('1.2×'), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_yscale("log")
+    label = FuncFormatter(lambda v, _: f"{v:g}{unit}")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)))
+    ax.yaxis.set_major_formatter(label)
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
+def _spec_arms(results: dict) -> list[str]:
+    run = results["run"]
+    return [a["name"] for a in run["arms"] if a["method"] and a["name"] != run["baseline_arm"]]
+
+
+def _err(estimate: dict):
+    """(value, [below, above]) for an error bar; NaN when missing."""
+    value = estimate.get("value")
+    if value is None:
+        return math.nan, [0.0, 0.0]
+    ci = estimate.get("ci") or [value, value]
+    return value, [value - ci[0], ci[1] - value]
+
+
+def speedup(results: dict, path: Path) -> str | None:
+    plt = _pyplot()
+    run, cells = results["run"], results["cells"]
+    regime, arms = run["primary_regime"], _spec_arms(results)
+    scopes = [(c["group"], c["stratum"]) for c in cells if c["arm"] == run["baseline_arm"] and c["regime"] == regime]
+    arms = [a for a in arms if find_cell(cells, a, regime)]
+    if not arms or not scopes:
+        return None
+    fig, axes = plt.subplots(len(arms), 1, figsize=(10, 2.6 * len(arms)), sharex=True, squeeze=False)
+    x = np.arange(len(scopes))
+    repeat = (find_cell(cells, run["baseline_arm"], regime) or {}).get("speedup", {}).get("tpot", {})
+    for ax, arm in zip(axes[:, 0], arms):
+        for offset, metric, style in ((-0.12, "tpot", "o"), (0.12, "e2e", "s")):
+            points = [_err((find_cell(cells, arm, regime, g, s) or {}).get("speedup", {}).get(metric, {}))
+                      for g, s in scopes]
+            values = [p[0] for p in points]
+            bars = np.array([p[1] for p in points]).T
+            ax.errorbar(x + offset, values, yerr=bars, fmt=style, ms=4, capsize=2,
+                        label=f"{metric.upper()} ratio", mfc="white" if metric == "e2e" else None)
+        ax.axhline(1, color="black", lw=0.8)
+        if repeat.get("ci"):
+            ax.axhspan(*repeat["ci"], color="grey", alpha=0.2, label="baseline vs itself (95% CI)")
+        _log_axis(ax, "×")
+        ax.set_ylabel(f"{arm}\nspeed-up")
+        ax.grid(axis="y", alpha=0.3)
+        for i, (g, s) in enumerate(scopes):
+            if s == ALL:
+                ax.axvline(i - 0.5, color="grey", lw=0.5)
+    axes[0, 0].legend(loc="upper right", fontsize=7, ncol=3)
+    axes[-1, 0].set_xticks(x, [f"{g}\n{s}" if s != ALL else f"{g}\n(all)" for g, s in scopes], rotation=90, fontsize=7)
+    fig.suptitle(f"Speed-up over {run['baseline_arm']}, paired by prompt ({regime}); geometric mean, 95% bootstrap CI")
+    _save(fig, path)
+    return (f"Speed-up against {run['baseline_arm']} per task and stratum in the {regime} regime: geometric mean of "
+            "the per-prompt TPOT ratio (filled) and end-to-end ratio (open) with 95% bootstrap intervals, log scale. "
+            "The grey band is the baseline against its own repeat: the noise floor.")
+
+
+def acceptance_per_position(results: dict, path: Path) -> str | None:
+    plt = _pyplot()
+    run, cells = results["run"], results["cells"]
+    regime = run["primary_regime"]
+    arms = [a for a in _spec_arms(results) if (find_cell(cells, a, regime) or {}).get("acceptance", {}).get("tau")]
+    if not arms:
+        return None
+    groups = [c["group"] for c in cells if c["arm"] == arms[0] and c["regime"] == regime and c["stratum"] == ALL]
+    fig, axes = plt.subplots(1, len(arms), figsize=(3.6 * len(arms), 3.2), sharey=True, squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        for group in groups:
+            accepted = (find_cell(cells, arm, regime, group) or {}).get("acceptance") or {}
+            rates = accepted.get("position_rate") or []
+            if rates:
+                ax.plot(np.arange(1, len(rates) + 1), rates, marker="o", lw=2 if group == ALL else 1,
+                        color="black" if group == ALL else None, label=group)
+        ax.set_title(arm)
+        ax.set_xlabel("draft position")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("share of drafts accepted at position")
+    axes[0, -1].legend(fontsize=7)
+    _save(fig, path)
+    return (f"Acceptance per draft position ({regime}): the share of drafts whose position i was accepted "
+            "(which requires every earlier position to be accepted), per task; black: all tasks.")
+
+
+def _heatmap(ax, matrix, rows, columns, title):
+    data = np.array([[math.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    image = ax.imshow(data, cmap="viridis", vmin=0, vmax=max(1e-9, np.nanmax(data)) if np.isfinite(data).any() else 1)
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            if np.isfinite(data[i, j]):
+                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if data[i, j] < 0.6 * np.nanmax(data) else "black")
+    ax.set_title(title)
+    return image
+
+
+def divergence_tasks(results: dict, path: Path) -> str | None:
+    plt = _pyplot()
+    div = results["divergence"]
+    tasks = div["tasks"]
+    if len(tasks) < 2:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
+    for ax, kind in zip(axes, ("prompt", "output", "total")):
+        image = _heatmap(ax, div["matrices"][kind]["js"], tasks, tasks, f"{kind} length")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="JS divergence (bits)")
+    _save(fig, path)
+    return ("Jensen–Shannon divergence (log base 2) between the tasks' length distributions, on shared "
+            "log-spaced bins. Wasserstein-1 and KS are in the tables.")
+
+
+def divergence_drafters(results: dict, path: Path) -> str | None:
+    plt = _pyplot()
+    div = results["divergence"]
+    drafters, tasks = sorted(div["drafters"]), div["tasks"]
+    if not drafters or not tasks:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(11, 1.2 + 0.5 * len(drafters) + 1.6))
+    for ax, kind in zip(axes, ("prompt", "output", "total")):
+        matrix = [[div["drafters"][d][t].get(kind, {}).get("js") for t in tasks] for d in drafters]
+        image = _heatmap(ax, matrix, drafters, tasks, f"{kind} length")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="JS divergence (bits)")
+    _save(fig, path)
+    return "JS divergence between each drafter's training split and each task (rows: drafters)."
+
+
+def answer(results: dict, path: Path) -> str | None:
+    plt = _pyplot()
+    answers = [a for a in results["answer"] if a["rows"]]
+    if not answers:
+        return None
+    measure, kind = HEADLINE
+    fig, axes = plt.subplots(len(answers), 2, figsize=(10, 3.8 * len(answers)), squeeze=False)
+    for row_axes, entry in zip(axes, answers):
+        rows = [r for r in entry["rows"] if r["stratum"] != ALL and not r["is_control"]]
+        tasks = sorted({r["group"] for r in rows})
+        strata = sorted({r["stratum"] for r in rows}, key=stratum_key)
+        markers = "osD^vP*X"
+        for ax, (y_name, label) in zip(row_axes, (("log_speed_ratio", "log speed-up, fine-tuned − generic"),
+                                                  ("tau_gain", "τ, fine-tuned − generic"))):
+            xs, ys = [], []
+            for r in rows:
+                x = r["divergence_finetune"].get(kind, {}).get(measure)
+                if y_name == "log_speed_ratio":
+                    value, ci = r["log_speed_ratio"], r["speed_ratio"].get("ci")
+                    ci = [math.log(ci[0]), math.log(ci[1])] if ci else None
+                else:
+                    value, ci = r["tau_gain"]["value"], r["tau_gain"]["ci"]
+                if x is None or value is None:
+                    continue
+                xs.append(x)
+                ys.append(value)
+                yerr = [[value - ci[0]], [ci[1] - value]] if ci else None
+                ax.errorbar([x], [value], yerr=yerr, fmt=markers[strata.index(r["stratum"]) % len(markers)],
+                            color=f"C{tasks.index(r['group'])}", capsize=2, ms=6)
+            fit = entry["fits"][f"{y_name}|{measure}|{kind}"]
+            slope = fit["slope"]
+            if slope["value"] is not None and len(xs) >= 2:
+                grid = np.linspace(min(xs), max(xs), 20)
+                ax.plot(grid, np.mean(ys) + slope["value"] * (grid - np.mean(xs)), color="black", lw=1)
+            ax.set_title(f"Spearman ρ = {text.num(fit['spearman']['rho'], 2)}, slope = "
+                         f"{text.num(slope['value'], 2)} {text.ci(slope['ci'], 2)}  (n = {len(xs)} cells)")
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xlabel(f"JS divergence of {kind} length from {entry['drafter']}'s training split (bits)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        handles = [plt.Line2D([], [], color=f"C{i}", marker="o", ls="", label=t) for i, t in enumerate(tasks)]
+        handles += [plt.Line2D([], [], color="grey", marker=markers[i % len(markers)], ls="", label=s)
+                    for i, s in enumerate(strata)]
+        row_axes[1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    _save(fig, path)
+    return ("The answer: per (task, stratum) cell, the fine-tuned drafter's gain over the generic one, against the "
+            f"divergence ({measure.upper()}, {kind} length) of the cell's lengths from the fine-tuning split. Colour: "
+            "task; marker: stratum; bars: 95% bootstrap CIs; line: least-squares fit.")
+
+
+def within_task(results: dict, path: Path) -> str | None:
+    plt = _pyplot()
+    answers = [a for a in results["answer"] if a["rows"]]
+    if not answers:
+        return None
+    fig, axes = plt.subplots(len(answers), 2, figsize=(10, 3.2 * len(answers)), squeeze=False)
+    for row_axes, entry in zip(axes, answers):
+        rows = [r for r in entry["rows"] if r["stratum"] != ALL and not r["is_control"]]
+        strata = sorted({r["stratum"] for r in rows}, key=stratum_key)
+        for ax, y_name, label in ((row_axes[0], "log_speed_ratio", "log speed-up gain"),
+                                  (row_axes[1], "tau_gain", "τ gain")):
+            for i, task in enumerate(sorted({r["group"] for r in rows})):
+                mine = sorted((r for r in rows if r["group"] == task), key=lambda r: strata.index(r["stratum"]))
+                xs = [strata.index(r["stratum"]) + 0.05 * i for r in mine]
+                ys = [r[y_name] if y_name == "log_speed_ratio" else r[y_name]["value"] for r in mine]
+                ys = [math.nan if v is None else v for v in ys]
+                ax.plot(xs, ys, marker="o", label=task, color=f"C{i}")
+            ax.set_xticks(range(len(strata)), strata, fontsize=7)
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xlabel("prompt-length stratum")
+            ax.set_ylabel(f"{label} ({entry['finetuned_arm']} − {entry['generic_arm']})")
+            ax.grid(alpha=0.3)
+        row_axes[0].legend(fontsize=7)
+    _save(fig, path)
+    return ("Within each task, the fine-tuned drafter's gain per length stratum: a slope along a line is a length "
+            "effect within one domain; an offset between lines at the same stratum is a domain effect.")
+
+
+def load_curve(results: dict, path: Path) -> str | None:
+    plt = _pyplot()
+    curves = {a: c for a, c in results["load"].items() if c["points"]}
+    regimes = results["run"]["regimes"]
+    if not curves or len(regimes) < 2:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+    for ax, metric in zip(axes, ("tpot", "e2e")):
+        for i, (arm, curve) in enumerate(sorted(curves.items())):
+            xs = [regimes.index(p["regime"]) + 0.04 * i for p in curve["points"]]
+            points = [_err(p[metric]) for p in curve["points"]]
+            ax.errorbar(xs, [p[0] for p in points], yerr=np.array([p[1] for p in points]).T, marker="o", capsize=2,
+                        label=arm)
+        ax.axhline(1, color="black", lw=0.8)
+        ax.set_xticks(range(len(regimes)), regimes, fontsize=8)
+        ax.set_title(f"{metric.upper()} speed-up over the baseline")
+        _log_axis(ax, "×")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speed-up (×), 95% CI")
+    axes[1].legend(fontsize=7)
+    _save(fig, path)
+    return ("Speed-up under each load regime (all tasks): where a line falls below 1×, speculation costs more than "
+            "it saves.")
+
+
+def drift(run: RunData, path: Path) -> str | None:
+    plt = _pyplot()
+    ok = run.ok[run.ok["tpot_s"] > 0]
+    if ok.empty:
+        return None
+    t0 = run.records["t_start"].min()
+    fig, ax = plt.subplots(figsize=(10, 3.4))
+    for i, arm in enumerate(a.name for a in run.arms):
+        rows = ok[ok["arm"] == arm]
+        if rows.empty:
+            continue
+        ax.scatter((rows["t_start"] - t0) / 60, rows["tpot_s"] * 1000, s=6, alpha=0.5, color=f"C{i}", label=arm)
+        for _, block in rows.groupby("regime"):  # one median line per regime: their TPOTs differ by design
+            window = max(3, len(block) // 10)
+            ax.plot((block["t_start"] - t0) / 60, (block["tpot_s"] * 1000).rolling(window, center=True, min_periods=1)
+                    .median(), color=f"C{i}", lw=1.2)
+    for regime in run.regimes:
+        times = ok.loc[ok["regime"] == regime, "t_start"]
+        if len(times):
+            start = (times.min() - t0) / 60
+            ax.axvline(start, color="grey", lw=0.6, ls=":")
+            ax.text(start, 0.98, f" {regime}", transform=ax.get_xaxis_transform(),
+                    fontsize=7, va="top", color="grey")
+    ax.set_xlabel("minutes since the first request")
+    ax.set_ylabel("TPOT (ms)")
+    _log_axis(ax, "")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, markerscale=2)
+    _save(fig, path)
+    return ("Each arm's TPOT over the run (points: requests; lines: rolling median). Pairing in time means arms "
+            "alternate, so drift of the machine affects paired requests alike.")
+
+
+def draw_all(run: RunData, results: dict, directory: Path) -> dict[str, str]:
+    """{file name: caption} of the figures drawn into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    drawers = {"speedup": speedup, "acceptance_per_position": acceptance_per_position,
+               "divergence_tasks": divergence_tasks, "divergence_drafters": divergence_drafters,
+               "answer": answer, "within_task": within_task, "load_curve": load_curve,
+               "drift": lambda _, path: drift(run, path)}
+    drawn = {}
+    for name, draw in drawers.items():
+        path = directory / f"{name}.png"
+        path.unlink(missing_ok=True)  # a figure this run has no data for must not survive from an earlier render
+        caption = draw(results, path)
+        if caption:
+            drawn[path.name] = caption
+    return drawn

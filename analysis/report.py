@@ -1,0 +1,366 @@
+"""results.json into report.md and report.html, and `write_report`, the one
+entry point that analyses a run directory. Every number shown comes from
+results.json; this module only arranges and words them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from analysis import text
+from analysis.document import Bullets, Document, Figure, Heading, Paragraph, Table
+from analysis.results import ALL, HEADLINE, compute_results
+from analysis.rundir import load_run
+
+FIGURES = "figures"
+
+
+def _cells(results: dict, regime: str, arms: list[str] | None = None, strata: bool = True) -> list[dict]:
+    return [c for c in results["cells"] if c["regime"] == regime and (arms is None or c["arm"] in arms)
+            and (strata or c["stratum"] == ALL)]
+
+
+def _spec_arms(results: dict) -> list[str]:
+    run = results["run"]
+    return [a["name"] for a in run["arms"] if a["method"] and a["name"] != run["baseline_arm"]]
+
+
+def _run_section(results: dict) -> list:
+    run, inputs = results["run"], results["inputs"]
+    rows = []
+    for arm in run["arms"]:
+        statuses = {}
+        for by_status in inputs["requests_by_status"].get(arm["name"], {}).values():
+            for status, n in by_status.items():
+                statuses[status] = statuses.get(status, 0) + n
+        failed = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()) if s != "ok") or "none"
+        role = " (baseline)" if arm["name"] == run["baseline_arm"] else ""
+        rows.append([arm["name"] + role, arm["method"] or "none", text.num(arm["num_speculative_tokens"]),
+                     arm["drafter"] or text.DASH, text.num(statuses.get("ok", 0)), failed])
+    blocks = [
+        Heading(2, "The run"),
+        Paragraph(f"Run `{run['run_id']}` of experiment `{run['name']}`: {inputs['records']} requests over "
+                  f"{text.num(run['duration_s'], 3)} s; load regimes {', '.join(run['regimes']) or 'none'} "
+                  f"(primary: {run['primary_regime']}); target dtype {run['target_dtype'] or 'unknown'}, "
+                  f"temperature {text.num(run['temperature'])}. Speed-ups are against `{run['baseline_arm']}`."),
+        Table(["arm", "speculation", "K", "drafter", "ok requests", "failed requests"], rows),
+    ]
+    if inputs["arms_without_records"]:
+        blocks.append(Paragraph("Configured arms without a single record (not started, or died before their "
+                                f"first request): {', '.join(inputs['arms_without_records'])}."))
+    gaps = [[arm, regime, text.num(c["prompts_sent"]), text.num(c["prompts_ok"]),
+             text.num(c["baseline_prompts_without_answer"])]
+            for arm, by_regime in inputs["coverage"].items() for regime, c in by_regime.items()
+            if c["baseline_prompts_without_answer"] or c["prompts_ok"] < c["prompts_sent"]]
+    if gaps:
+        blocks.append(Table(["arm", "regime", "prompts sent", "prompts answered", "baseline prompts it did not answer"],
+                            gaps, "Coverage gaps: prompts an arm did not answer are missing from its pairs."))
+    return blocks
+
+
+def _speedup_section(results: dict, figures: dict) -> list:
+    run = results["run"]
+    blocks = [Heading(2, "Speed-up against the baseline, paired by prompt"),
+              Paragraph(results["methods"]["pairing"].capitalize() + ". A speed-up is the geometric mean over "
+                        "prompts of baseline/arm, for TPOT (time per output token after the first) and for "
+                        "end-to-end time; > 1 means the arm is faster. Intervals: 95% percentile bootstrap over "
+                        "prompts. The baseline's own row is its second run over its first: the noise floor.")]
+    if "speedup.png" in figures:
+        blocks.append(Figure(f"{FIGURES}/speedup.png", figures["speedup.png"]))
+    for regime in run["regimes"]:
+        rows = [[c["group"], c["stratum"], c["arm"], text.num(c["speedup"]["tpot"]["n"]),
+                 text.ratio(c["speedup"]["tpot"]), text.ratio(c["speedup"]["e2e"]),
+                 text.num(c["speedup"]["median_gap_s"], 2)]
+                for c in _cells(results, regime, strata=regime == run["primary_regime"])]
+        blocks.append(Table(["task", "stratum", "arm", "prompts", "TPOT speed-up [95% CI]",
+                             "end-to-end speed-up [95% CI]", "median pair gap (s)"], rows, f"Regime: {regime}"))
+    return blocks
+
+
+def _acceptance_section(results: dict, figures: dict) -> list:
+    run = results["run"]
+    rows = []
+    for c in _cells(results, run["primary_regime"], _spec_arms(results)):
+        a = c.get("acceptance")
+        if not a:
+            continue
+        rows.append([c["group"], c["stratum"], c["arm"], text.num(a["drafts"]),
+                     text.with_ci(a["tau"], a["tau_ci"]), text.num(a["alpha"]), text.num(a["alpha_from_tau"]),
+                     text.num(a["vllm_rate"]), " / ".join(text.num(r) for r in a["position_rate"]) or text.DASH,
+                     " / ".join(text.num(r) for r in a["conditional"]) or text.DASH])
+    blocks = [Heading(2, "Acceptance"),
+              Paragraph("τ = 1 + accepted/drafts (tokens per target step). α (Leviathan's per-token acceptance) is "
+                        "shown from the per-position counts: accepted positions over positions tried; α from τ "
+                        "solves τ = (1−α^(K+1))/(1−α) and agrees when acceptance is geometric. vLLM's rate is "
+                        "accepted/drafted tokens and counts positions after the first rejection, so it is lower "
+                        "than α. Per-position rate i: share of drafts with position i accepted; conditional i: "
+                        "given position i−1 accepted. Acceptance does not depend on timing: it is the robust part "
+                        "of the answer.")]
+    if "acceptance_per_position.png" in figures:
+        blocks.append(Figure(f"{FIGURES}/acceptance_per_position.png", figures["acceptance_per_position.png"]))
+    if rows:
+        blocks.append(Table(["task", "stratum", "arm", "drafts", "τ [95% CI]", "α (per-position)", "α from τ",
+                             "vLLM rate", "per-position rate", "conditional"], rows,
+                            f"Regime: {run['primary_regime']}"))
+    return blocks
+
+
+def _model_section(results: dict) -> list:
+    run = results["run"]
+    cost_rows = [[arm, text.num(c["c"]), c["source"], c["method"], text.num(c.get("draft_step_s"), 3),
+                  text.num(c.get("target_step_s"), 3)] for arm, c in sorted(results["cost"].items())]
+    rows = []
+    for c in _cells(results, run["primary_regime"], _spec_arms(results)):
+        m = c.get("model")
+        if m:
+            rows.append([c["group"], c["stratum"], c["arm"], text.num(m["alpha"]), text.num(m["gamma"]),
+                         text.num(m["c"]), text.num(m["expected_tokens_per_step"]), text.num(m["cost_factor"]),
+                         text.num(m["predicted_speedup"], 2), text.num(m["predicted_speedup_from_tau"], 2),
+                         text.num(m["measured_speedup"], 2)])
+    blocks = [Heading(2, "The analytic model (Leviathan et al. 2023)"),
+              Paragraph("Expected tokens per step E = (1−α^(γ+1))/(1−α) is the acceptance factor; 1/(γc+1) is the "
+                        "cost factor, with c the draft/target step-cost ratio; predicted speed-up = E/(γc+1). "
+                        "'From τ' puts the measured τ in place of E. The model assumes that verifying γ+1 tokens "
+                        "costs one target step; on a CPU it costs more, which a measured c does not include."),
+              Table(["arm", "c", "source", "how c was obtained", "draft step (s)", "target step (s)"], cost_rows,
+                    "Cost ratio c per arm")]
+    if rows:
+        blocks.append(Table(["task", "stratum", "arm", "α", "γ", "c", "E tokens/step", "cost factor",
+                             "predicted ×", "predicted × (from τ)", "measured ×"], rows,
+                            f"Predicted against measured TPOT speed-up, regime {run['primary_regime']}"))
+    return blocks
+
+
+def _lossless_section(results: dict) -> list:
+    run = results["run"]
+    rows = []
+    for c in _cells(results, run["primary_regime"], _spec_arms(results)):
+        own, floor = c["lossless"], c["lossless"].get("baseline_self")
+        rows.append([c["group"], c["stratum"], c["arm"], text.share(own), text.ci(own["ci"], 2),
+                     text.share(floor), text.ci((floor or {}).get("ci"), 2)])
+    exact = run["target_dtype"] == "float32"
+    return [Heading(2, "Losslessness"),
+            Paragraph("Share of prompts whose output hash equals the baseline's (paired request), beside the share "
+                      "on which the baseline agreed with its own repeat (same dtype, same regime). Intervals: "
+                      "Wilson 95%. " + ("The target ran in float32: outputs should match exactly." if exact else
+                                         "In bf16, greedy outputs differ across runs and batch sizes by numerics "
+                                         "alone; compare an arm's share with the baseline's own, or rerun with "
+                                         "`target.dtype: float32` for an exact check.")),
+            Table(["task", "stratum", "arm", "identical to baseline", "95% CI", "baseline vs itself", "95% CI"], rows,
+                  f"Regime: {run['primary_regime']}")]
+
+
+def _triple(entry: dict | None) -> str:
+    if not entry or entry.get("js") is None:
+        return text.DASH
+    return f"{text.num(entry['js'])} / {text.num(entry['w1'], 4)} / {text.num(entry['ks'])}"
+
+
+def _divergence_section(results: dict, figures: dict) -> list:
+    div = results["divergence"]
+    tasks = div["tasks"]
+    method = div["method"]
+    blocks = [Heading(2, "Length divergence"),
+              Paragraph(f"Each cell gives JS / W1 / KS. JS: Jensen–Shannon divergence, log base {method['js_log_base']} "
+                        f"(0 = same, 1 = disjoint), on one set of log-spaced bins ({method['bins_per_doubling']} per "
+                        "doubling of length) shared by every comparison. W1: Wasserstein-1 distance in tokens. KS: "
+                        f"two-sample Kolmogorov–Smirnov statistic. Task lengths: {method['task_lengths']}.")]
+    blocks.append(Table(["task"] + [f"{k}: n / median" for k in ("prompt", "output", "total")],
+                        [[t] + [f"{div['task_lengths'][t][k]['n']} / {text.num(div['task_lengths'][t][k]['median'], 4)}"
+                                for k in ("prompt", "output", "total")] for t in tasks], "Task lengths (tokens)"))
+    if "divergence_tasks.png" in figures:
+        blocks.append(Figure(f"{FIGURES}/divergence_tasks.png", figures["divergence_tasks.png"]))
+    for kind in ("prompt", "output", "total"):
+        m = div["matrices"][kind]
+        rows = [[a] + [_triple({x: m[x][i][j] for x in ("js", "w1", "ks")}) for j in range(len(tasks))]
+                for i, a in enumerate(tasks)]
+        blocks.append(Table(["task"] + tasks, rows, f"Task × task, {kind} length: JS / W1 / KS"))
+    if div["drafters"]:
+        if "divergence_drafters.png" in figures:
+            blocks.append(Figure(f"{FIGURES}/divergence_drafters.png", figures["divergence_drafters.png"]))
+        rows = [[d, t] + [_triple(div["drafters"][d][t].get(k)) for k in ("prompt", "output", "total")]
+                for d in sorted(div["drafters"]) for t in tasks]
+        blocks.append(Table(["drafter training split", "task", "prompt", "output", "total"], rows,
+                            "Drafter training split × task: JS / W1 / KS"))
+    else:
+        blocks.append(Paragraph("No drafter card with training lengths was found in the run directory, so the "
+                                "drafter-split × task table is empty."))
+    return blocks
+
+
+def _fit_rows(entry: dict) -> list[list[str]]:
+    rows = []
+    for key, fit in entry["fits"].items():
+        y_name, measure, kind = key.split("|")
+        headline = " (headline)" if (measure, kind) == HEADLINE else ""
+        rows.append(["log speed-up gain" if y_name == "log_speed_ratio" else "τ gain", f"{measure.upper()}{headline}",
+                     kind, text.num(fit["spearman"]["n"]), text.num(fit["spearman"]["rho"], 2),
+                     text.num(fit["spearman"]["p"], 2), text.with_ci(fit["slope"]["value"], fit["slope"]["ci"])])
+    return rows
+
+
+def _answer_section(results: dict, figures: dict) -> list:
+    measure, kind = HEADLINE
+    blocks = [Heading(2, "The answer: does the fine-tuned drafter's advantage follow length divergence?"),
+              Paragraph("Per (task, stratum) cell: the fine-tuned arm's TPOT speed-up over the generic arm (paired by "
+                        "prompt, so log of it = difference of log speed-ups), and τ(fine-tuned) − τ(generic), against "
+                        f"the divergence of the cell's lengths from the fine-tuning split. The headline uses "
+                        f"{measure.upper()} on {kind} length, fixed before the data; the rest are shown as a "
+                        "sensitivity check, not as extra chances to find an effect. Slope intervals resample cells.")]
+    if not results["answer"]:
+        blocks.append(Paragraph("This run has no pair of arms with a fine-tuned drafter and the generic drafter it "
+                                "was fine-tuned from, so the question is not answered here."))
+    for name in ("answer.png", "within_task.png"):
+        if name in figures:
+            blocks.append(Figure(f"{FIGURES}/{name}", figures[name]))
+    for entry in results["answer"]:
+        blocks.append(Heading(3, f"{entry['finetuned_arm']} (fine-tuned on {entry['finetune_tasks']}) against "
+                                 f"{entry['generic_arm']}, {entry['regime']} regime"))
+        if entry.get("missing"):
+            blocks.append(Paragraph(f"Not available: {entry['missing']}."))
+            continue
+        rows = [[r["group"], r["stratum"], text.num(r["speed_ratio"]["n"]), text.ratio(r["speed_ratio"]),
+                 text.with_ci(r["tau_gain"]["value"], r["tau_gain"]["ci"]),
+                 _triple(r["divergence_finetune"].get(kind)), _triple(r["divergence_generic"].get(kind))]
+                for r in entry["rows"]]
+        blocks.append(Table(["task", "stratum", "prompts", "fine-tuned/generic speed [95% CI]", "τ gain [95% CI]",
+                             f"{kind}: from fine-tuning split (JS / W1 / KS)", f"{kind}: from generic split"],
+                            rows, "Per cell ('all' rows and controls are not in the fit)"))
+        blocks.append(Table(["gain", "measure", "length", "cells", "Spearman ρ", "p", "slope [95% CI]"],
+                            _fit_rows(entry), "Fits over (task, stratum) cells"))
+        within = []
+        for y_name, label in (("log_speed_ratio", "log speed-up gain"), ("tau_gain", "τ gain")):
+            fit = entry["fits"].get(f"{y_name}|{measure}|{kind}", {})
+            for key, what in (("slope_within_task", "within tasks (length effect)"),
+                              ("slope_within_stratum", "within strata (domain effect)")):
+                if key in fit:
+                    within.append([label, what, text.num(fit[key]["n"]),
+                                   text.with_ci(fit[key]["value"], fit[key]["ci"])])
+        blocks.append(Paragraph("Within-task slopes centre x and y on each task's mean, so only the variation "
+                                "across strata of one task (length, same domain) is used; within-stratum slopes "
+                                "centre on each stratum, leaving variation across tasks at similar length (domain)."))
+        blocks.append(Table(["gain", "slope", "cells", f"slope on {measure.upper()} {kind} [95% CI]"], within))
+    return blocks
+
+
+def _control_section(results: dict) -> list:
+    blocks = [Heading(2, "Length-matched control")]
+    if not results["controls"]:
+        return blocks + [Paragraph("The workload had no length-matched control rows (workload.controls), so "
+                                   "length and domain are separated only by the within-task view.")]
+    for control in results["controls"]:
+        task, like, label = control["task"], control["like"], control["label"]
+        match = control["prompt_divergence"]
+        blocks.append(Paragraph(
+            f"{label}: {task} prompts resampled to follow {like}'s prompt lengths. Prompt-length JS to {like}: "
+            f"{text.num(match['control_vs_like']['js'])} for the control, {text.num(match['task_vs_like']['js'])} "
+            f"for {task} itself (lower = better matched). If a gain follows length, the control's value sits near "
+            f"{like}'s; if it follows domain, near {task}'s."))
+        rows = []
+        for arm, by_group in control["arms"].items():
+            for group in (task, label, like):
+                entry = by_group.get(group)
+                if entry:
+                    rows.append([arm, group, text.ratio(entry["speedup_tpot"]),
+                                 text.with_ci(entry["tau"], entry["tau_ci"])])
+        blocks.append(Table(["arm", "group", "TPOT speed-up [95% CI]", "τ [95% CI]"], rows))
+        gains = [[arm, group, text.ratio((g or {}).get("speed_ratio")),
+                  text.with_ci(((g or {}).get("tau_gain") or {}).get("value"), ((g or {}).get("tau_gain") or {}).get("ci"))]
+                 for arm, by_group in control["gains"].items() for group, g in by_group.items()]
+        if gains:
+            blocks.append(Table(["fine-tuned arm", "group", "fine-tuned/generic speed", "τ gain"], gains))
+    return blocks
+
+
+def _load_section(results: dict, figures: dict) -> list:
+    blocks = [Heading(2, "Load regimes")]
+    if "load_curve.png" in figures:
+        blocks.append(Figure(f"{FIGURES}/load_curve.png", figures["load_curve.png"]))
+    rows = []
+    for arm, curve in sorted(results["load"].items()):
+        where = {"crosses": "crosses 1× between " + " and ".join(curve["crosses_between"] or []),
+                 "above": "above 1× throughout", "below": "below 1× throughout", "at": "at 1×",
+                 "no data": "no data"}[curve["status"]]
+        for p in curve["points"]:
+            rows.append([arm, p["regime"], text.ratio(p["tpot"]), text.ratio(p["e2e"]), where])
+    if len(results["run"]["regimes"]) < 2:
+        blocks.append(Paragraph("Only one load regime was measured; add concurrency or Poisson regimes to see "
+                                "where speculation stops paying off."))
+    blocks.append(Table(["arm", "regime", "TPOT speed-up", "end-to-end speed-up", "crossing"], rows))
+    return blocks
+
+
+def _drift_section(results: dict, figures: dict) -> list:
+    blocks = [Heading(2, "Drift over time"),
+              Paragraph("These machines drift; each arm's TPOT trend is a Theil–Sen slope of log TPOT on time, "
+                        "written as % per 10 minutes with its 95% interval. TPOT also depends on the prompt, so a "
+                        "trend is only evidence of drift when prompts are spread evenly over time.")]
+    if "drift.png" in figures:
+        blocks.append(Figure(f"{FIGURES}/drift.png", figures["drift.png"]))
+    rows = [[arm, regime, text.num(d["n"]), text.num(d["span_min"], 3), text.percent(d["percent_per_10min"]),
+             f"[{text.percent(d['ci'][0])}, {text.percent(d['ci'][1])}]", text.num(d["spearman"]["rho"], 2)]
+            for arm, by_regime in results["drift"].items() for regime, d in by_regime.items()]
+    blocks.append(Table(["arm", "regime", "requests", "span (min)", "TPOT trend per 10 min", "95% CI",
+                         "Spearman ρ (time, TPOT)"], rows))
+    return blocks
+
+
+def _flatten(value, prefix="", depth=0):
+    if isinstance(value, dict) and depth < 2:
+        for key in sorted(value):
+            yield from _flatten(value[key], f"{prefix}{key}.", depth + 1)
+    elif not isinstance(value, (dict, list)):
+        yield prefix.rstrip("."), value
+
+
+def _environment_section(results: dict) -> list:
+    rows = [[k, str(v)] for k, v in _flatten(results["environment"])]
+    return [Heading(2, "Environment"), Table(["key", "value"], rows)] if rows else []
+
+
+def _methods_section(results: dict) -> list:
+    boot = results["methods"]["bootstrap"]
+    return [Heading(2, "Methods"), Bullets([
+        f"Bootstrap: {boot['kind']}, {boot['resamples']} resamples, {int(boot['level'] * 100)}% level, seeded "
+        f"(base seed {boot['base_seed']}); unit: {boot['unit']}. No interval below {boot['min_units_for_ci']} units; "
+        f"fewer than {boot['small_sample']} prompts is called a small sample.",
+        f"Pairing: {results['methods']['pairing']}.",
+        f"Speed-up: {results['methods']['speedup']}.",
+        f"α: {results['methods']['alpha']}.",
+        "Only requests with status 'ok' enter the statistics; the others are counted in 'The run'.",
+        f"Numbers are rounded to {results['methods']['significant_digits']} significant digits in results.json.",
+        "Definitions and how to read each section: docs/report.md in the specdrift repository.",
+    ])]
+
+
+def build_document(results: dict, figures: dict[str, str]) -> Document:
+    doc = Document(f"specdrift report: {results['run']['name']}")
+    doc.add(Heading(2, "Summary"), Bullets(results["summary"]))
+    for section in (_run_section(results), _speedup_section(results, figures), _acceptance_section(results, figures),
+                    _model_section(results), _lossless_section(results), _divergence_section(results, figures),
+                    _answer_section(results, figures), _control_section(results), _load_section(results, figures),
+                    _drift_section(results, figures), _environment_section(results), _methods_section(results)):
+        doc.add(*section)
+    return doc
+
+
+def results_json(results: dict) -> str:
+    return json.dumps(results, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
+    """Analyse a run directory; write results.json, report.md, report.html and
+    figures/ into out_dir (default: the run directory). Returns the results."""
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    run = load_run(run_dir)
+    results = compute_results(run)
+    (out / "results.json").write_text(results_json(results))
+    from analysis.figures import draw_all
+
+    figures = draw_all(run, results, out / FIGURES)
+    document = build_document(results, figures)
+    (out / "report.md").write_text(document.to_markdown())
+    (out / "report.html").write_text(document.to_html(out))
+    return results

@@ -1,0 +1,133 @@
+"""Interval estimates used throughout the report.
+
+Every bootstrap resamples independent units (prompts, or answer cells), and
+is seeded from a fixed base seed and the name of the quantity, so that results
+do not depend on the order in which they are computed.
+
+Intervals are expanded percentile intervals (Hesterberg 2015, "What teachers
+should know about the bootstrap"): the plain percentile interval is too
+narrow at small n (about 89% coverage for a nominal 95% at n = 10), so the
+tail probability is taken at Phi(-sqrt(n / (n - 1)) * t_(n-1)), which
+restores the nominal coverage for a mean; with many units it is the plain
+percentile interval.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Callable
+
+import numpy as np
+from scipy import stats as sps
+
+BASE_SEED = 20230518  # fixed: results.json must be reproducible byte for byte
+RESAMPLES = 2000
+LEVEL = 0.95
+# Below this many units no interval is given; below SMALL_SAMPLE the report warns.
+MIN_UNITS_FOR_CI = 3
+SMALL_SAMPLE = 10
+
+
+def seed_for(*key) -> int:
+    return zlib.crc32("|".join(map(str, (BASE_SEED, *key))).encode())
+
+
+def expanded_tail(n: int, level: float = LEVEL) -> float:
+    """Lower-tail probability of the expanded percentile interval for n units."""
+    t = sps.t.ppf(1 - (1 - level) / 2, df=n - 1)
+    return float(sps.norm.cdf(-math.sqrt(n / (n - 1)) * t))
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], np.ndarray], n: int, seed: int,
+                 resamples: int = RESAMPLES, level: float = LEVEL) -> tuple[float, float] | None:
+    """Expanded percentile interval of `statistic`, which maps a (resamples, n) matrix of
+    unit indices to one value per row (vectorised: one call, not a loop)."""
+    if n < MIN_UNITS_FOR_CI:
+        return None
+    indices = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    values = np.asarray(statistic(indices), dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size < resamples / 2:
+        return None
+    tail = expanded_tail(n, level)
+    lo, hi = np.quantile(values, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
+def geometric_mean(log_values, seed: int) -> dict:
+    """exp(mean(log)) of per-unit log ratios, with a bootstrap interval."""
+    logs = np.asarray(log_values, dtype=float)
+    if logs.size == 0:
+        return {"n": 0, "value": None, "ci": None}
+    ci = bootstrap_ci(lambda idx: logs[idx].mean(axis=1), logs.size, seed)
+    return {
+        "n": int(logs.size),
+        "value": math.exp(logs.mean()),
+        "ci": [math.exp(ci[0]), math.exp(ci[1])] if ci else None,
+    }
+
+
+def wilson_interval(successes: int, trials: int, level: float = LEVEL) -> list[float] | None:
+    """Wilson score interval of a binomial share (honest at small n and at 0 or 1)."""
+    if trials == 0:
+        return None
+    z = sps.norm.ppf(1 - (1 - level) / 2)
+    share = successes / trials
+    centre = (share + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * math.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def ols_slope(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares slope along the last axis (rows are independent samples)."""
+    xc = x - x.mean(axis=-1, keepdims=True)
+    yc = y - y.mean(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (xc * yc).sum(axis=-1) / (xc * xc).sum(axis=-1)
+
+
+def _demean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Subtract each group's mean along the last axis (groups: integer codes per column)."""
+    out = values.astype(float).copy()
+    for code in np.unique(groups):
+        mask = groups == code
+        out[..., mask] -= values[..., mask].mean(axis=-1, keepdims=True)
+    return out
+
+
+def slope(x, y, seed: int, within=None) -> dict:
+    """Regression slope of y on x with a bootstrap interval over the (x, y) units.
+
+    With `within` (a group label per unit), x and y are first centred within
+    each group, so the slope uses only the variation inside groups (a
+    fixed-effects slope). Resampled units keep their group label.
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    n = x.size
+    if n < 2:
+        return {"n": n, "value": None, "ci": None}
+    codes = np.unique(np.asarray(within), return_inverse=True)[1] if within is not None else np.zeros(n, int)
+    point = float(ols_slope(_demean(x, codes), _demean(y, codes)))
+
+    def statistic(idx):
+        xs, ys, gs = x[idx], y[idx], codes[idx]
+        if within is None:
+            return ols_slope(xs, ys)
+        return np.array([ols_slope(_demean(xr, gr), _demean(yr, gr)) for xr, yr, gr in zip(xs, ys, gs)])
+
+    ci = bootstrap_ci(statistic, n, seed)
+    return {"n": n, "value": point if math.isfinite(point) else None, "ci": list(ci) if ci else None}
+
+
+def spearman(x, y) -> dict:
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"n": int(x.size), "rho": None, "p": None}
+    result = sps.spearmanr(x, y)
+    return {"n": int(x.size), "rho": float(result.statistic), "p": float(result.pvalue)}
+
+
+def excludes(ci, value: float) -> bool:
+    """True when an interval lies wholly on one side of `value`."""
+    return ci is not None and (ci[0] > value or ci[1] < value)
