@@ -5,8 +5,6 @@ Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
 lives in one `Gateway` object (one httpx client, one record store, one
 metrics registry per process), handed to the routes by closure."""
 
-from __future__ import annotations
-
 import asyncio
 import contextlib
 import logging
@@ -25,7 +23,7 @@ from service.measure import Measurement, RequestInfo
 from service.metrics import GatewayMetrics
 from service.records import RecordStore
 from service.relay import Relay
-from service.schemas import GENERATION_RESPONSES, ChatCompletionRequest, CompletionRequest, GenerationRequest
+from service.schemas import GENERATION_RESPONSES, TAG_PARAMETERS, GenerationRequest, request_models
 from service.settings import GatewaySettings
 from service.tags import REQUEST_ID_HEADER, LabelMapper, TagError, parse_tags
 from service.upstreams import Arm, build_arms
@@ -61,14 +59,8 @@ class Gateway:
         if arm is None:
             raise GatewayError(404, f"unknown arm {body.model!r}; arms are: {', '.join(self.arms)}", param="model",
                                reason="unknown_arm")
-        if isinstance(body, CompletionRequest) and not body.single_prompt():
-            raise GatewayError(400, "send one prompt per request (the gateway measures each one)", param="prompt",
-                               reason="invalid_request")
-        param, requested = body.requested_max_tokens()
+        requested = body.requested_max_tokens()  # the schema holds it to the limit
         limit = self.settings.max_tokens_limit
-        if requested is not None and requested > limit:
-            raise GatewayError(400, f"{param}={requested} is over this gateway's limit of {limit}", param=param,
-                               reason="max_tokens_over_limit")
         payload = body.model_dump(exclude_unset=True)
         if requested is None:
             payload["max_tokens"] = limit
@@ -207,14 +199,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                headers={"WWW-Authenticate": "Bearer"})
 
     guarded = [Depends(require_token)] if gateway.token else []
+    # Models built here, with this gateway's bound; the endpoints' annotations
+    # name them directly (so this module does without postponed annotations).
+    CompletionRequest, ChatCompletionRequest = request_models(settings.max_tokens_limit)
+    generation = dict(dependencies=guarded, responses=GENERATION_RESPONSES, response_class=Response,
+                      openapi_extra={"parameters": TAG_PARAMETERS})
 
-    @app.post("/v1/completions", dependencies=guarded, responses=GENERATION_RESPONSES, response_class=Response,
-              summary="Text completion from the arm named by `model`")
+    @app.post("/v1/completions", summary="Text completion from the arm named by `model`", **generation)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return gateway.accept(request, body, "completions")
 
-    @app.post("/v1/chat/completions", dependencies=guarded, responses=GENERATION_RESPONSES,
-              response_class=Response, summary="Chat completion from the arm named by `model`")
+    @app.post("/v1/chat/completions", summary="Chat completion from the arm named by `model`", **generation)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return gateway.accept(request, body, "chat")
 

@@ -60,15 +60,18 @@ def error_response(err: GatewayError) -> Response:
 
 
 def _validation_message(err: RequestValidationError) -> tuple[int, str, str | None]:
-    first = err.errors()[0]
+    errors = err.errors()
+    first = errors[0]
     if first.get("type") == "json_invalid":
         return 400, "request body is not valid JSON", None
-    if tuple(first.get("loc", ())) == ("body",):
-        return 422, "the body must be a JSON object, sent with Content-Type: application/json", None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    where = f"{param}: " if param else ""
-    return 422, f"{where}{first.get('msg', 'invalid value')}", param
+    if not loc:
+        return 422, "the body must be a JSON object, sent with Content-Type: application/json", None
+    # OpenAI names the top-level field; deeper parts of loc (union members, items) go in the message.
+    param = loc[0]
+    more = len(errors) - 1
+    return 422, f"{'.'.join(loc)}: {first.get('msg', 'invalid value')}" + (
+        f" (and {more} more problem{'s' * (more > 1)})" if more else ""), param
 
 
 def install_error_handlers(app: FastAPI, on_reject) -> None:

@@ -152,6 +152,7 @@ class Relay(Response):
                 response = await gateway.client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:
                 replica.outstanding -= 1
+                replica.refused()
                 last_error = f"{replica.url}: {type(err).__name__}: {err}"
                 continue
             except httpx.TimeoutException as err:

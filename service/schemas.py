@@ -3,13 +3,16 @@ OpenAPI schema). Only the fields the gateway reads are declared; every other
 OpenAI or vLLM field passes through to the arm unchanged.
 
 The gateway measures one sequence per request, so `n` must be 1 and a
-completion takes a single prompt."""
+completion takes a single prompt. The max_tokens bound is part of the schema
+(`request_models`), so clients and fuzzers see it."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from service.tags import TAG_HEADERS, TAG_VALUE
 
 
 class StreamOptions(BaseModel):
@@ -29,17 +32,14 @@ class GenerationRequest(BaseModel):
     n: int | None = Field(default=None, ge=1, le=1, description="one sequence per request")
     return_token_ids: bool | None = None
 
-    def requested_max_tokens(self) -> tuple[str, int | None]:
-        return "max_tokens", self.max_tokens
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+    prompt: str | list[int] | Annotated[list[str], Field(max_length=1)] | Annotated[
+        list[list[int]], Field(max_length=1)] = Field(
         description="one prompt: text or token ids (a list of one is accepted too)")
-
-    def single_prompt(self) -> bool:
-        return isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int) \
-            or len(self.prompt) == 1
 
 
 class ChatMessage(BaseModel):
@@ -53,11 +53,28 @@ class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
-    def requested_max_tokens(self) -> tuple[str, int | None]:
-        if self.max_completion_tokens is not None:
-            return "max_completion_tokens", self.max_completion_tokens
-        return "max_tokens", self.max_tokens
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+
+def request_models(max_tokens_limit: int) -> tuple[type[CompletionRequest], type[ChatCompletionRequest]]:
+    """The request models with this gateway's max_tokens bound (absent: the bound is applied)."""
+    def bounded() -> Any:
+        return (int | None, Field(default=None, ge=1, le=max_tokens_limit,
+                                  description=f"at most {max_tokens_limit}; absent: {max_tokens_limit}"))
+
+    completion = create_model("CompletionRequest", __base__=CompletionRequest, max_tokens=bounded())
+    chat = create_model("ChatCompletionRequest", __base__=ChatCompletionRequest, max_tokens=bounded(),
+                        max_completion_tokens=bounded())
+    return completion, chat
+
+
+# Documented for clients (and fuzzers); service/tags.py checks them.
+TAG_PARAMETERS = [
+    {"name": header.title(), "in": "header", "required": False,
+     "schema": {"type": "string", "pattern": f"^{TAG_VALUE.pattern}$"}}
+    for header in TAG_HEADERS.values()
+]
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -75,11 +92,11 @@ def _error(description: str) -> dict:
 GENERATION_RESPONSES: dict[int | str, dict] = {
     200: {"description": "the arm's answer; with `stream: true` an SSE stream of chunks ending in `data: [DONE]`",
           "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}}},
-    400: _error("malformed JSON, a bad tag header, max_tokens over the limit, or a rejection by the arm"),
+    400: _error("malformed JSON, a bad tag header, or a rejection by the arm"),
     401: _error("missing or wrong bearer token (when auth is on)"),
     404: _error("unknown arm"),
     413: _error("request body too large"),
-    422: _error("a missing or invalid field"),
+    422: _error("a missing or invalid field (including max_tokens over the limit)"),
     502: _error("the arm failed or broke the connection"),
     503: _error("no replica of the arm is reachable"),
     504: _error("the arm did not answer in time"),

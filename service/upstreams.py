@@ -1,12 +1,17 @@
 """Arms and their replicas. Each request goes to the replica of its arm with
 the fewest outstanding requests; ties go round-robin, so idle replicas share
 sequential load too. A replica that refuses the connection is skipped for
-that request and the next one is tried."""
+that request and the next one is tried; for a few seconds afterwards it is
+tried last."""
 
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
+
+# How long a replica that refused a connection goes to the back of the queue.
+COOL_OFF_S = 2.0
 
 
 @dataclass(eq=False)
@@ -17,6 +22,10 @@ class Replica:
     # The model name the replica serves: the arm's name unless discovered
     # otherwise from its /v1/models (remote arms may serve any name).
     served_model: str | None = None
+    refused_until: float = 0.0
+
+    def refused(self) -> None:
+        self.refused_until = time.monotonic() + COOL_OFF_S
 
 
 @dataclass
@@ -27,10 +36,14 @@ class Arm:
     _turn: itertools.count = field(default_factory=itertools.count)
 
     def by_preference(self) -> list[Replica]:
-        """Replicas, least outstanding first; equal ones in rotating order."""
+        """Replicas, least outstanding first (recently refused ones last); equal ones in rotating order."""
+        if len(self.replicas) == 1:
+            return self.replicas
+        now = time.monotonic()
         start = next(self._turn) % len(self.replicas)
         rotated = self.replicas[start:] + self.replicas[:start]
-        return sorted(rotated, key=lambda r: r.outstanding)  # stable: keeps the rotation among ties
+        # sorted() is stable: it keeps the rotation among ties.
+        return sorted(rotated, key=lambda r: (r.refused_until > now, r.outstanding))
 
 
 def build_arms(upstreams: dict[str, list[str]]) -> dict[str, Arm]:
