@@ -82,6 +82,32 @@ def tag_vocabulary(config: ExperimentConfig) -> dict[str, list[str]]:
     return {"task": tasks, "stratum": strata.all_strata(edges, output)}
 
 
+def read_datasets(config: ExperimentConfig) -> tuple[list[tuple[Item, int]], list[dict]]:
+    """(item, max_tokens) of every configured dataset, in config order, the
+    duplicates dropped (the first copy of a prompt wins), and per dataset how
+    many were read, dropped as duplicates of which dataset, and kept."""
+    wl = config.workload
+    seen: dict[str, str] = {}
+    kept: list[tuple[Item, int]] = []
+    report = []
+    for spec in wl.datasets:
+        items = load_items(config, spec)
+        duplicates: Counter = Counter()
+        for item in items:
+            if item.key in seen:
+                duplicates[seen[item.key]] += 1
+                continue
+            seen[item.key] = item.dataset
+            kept.append((item, spec.max_tokens or wl.default_max_tokens))
+        report.append({"adapter": spec.adapter, "read": len(items), "duplicates_of": dict(duplicates),
+                       "kept": len(items) - sum(duplicates.values())})
+    ids = Counter(f"{item.task}:{item.source_id}" for item, _ in kept)
+    repeated = [i for i, n in ids.items() if n > 1]
+    if repeated:
+        raise WorkloadError(f"row ids repeat (e.g. {repeated[0]!r}); give each record a unique id")
+    return kept, report
+
+
 @dataclass
 class Prompt:
     """A kept item with its lengths, split and stratum."""
@@ -132,24 +158,7 @@ def build(config: ExperimentConfig, tokenizer=None) -> Built:
         tokenizer = PromptTokenizer(target_dir(config))
 
     # 1. read, drop duplicates across and within datasets (first copy wins)
-    seen: dict[str, str] = {}
-    kept: list[tuple[Item, int]] = []
-    dataset_report = []
-    for spec in wl.datasets:
-        items = load_items(config, spec)
-        duplicates: Counter = Counter()
-        for item in items:
-            if item.key in seen:
-                duplicates[seen[item.key]] += 1
-                continue
-            seen[item.key] = item.dataset
-            kept.append((item, spec.max_tokens or wl.default_max_tokens))
-        dataset_report.append({"adapter": spec.adapter, "read": len(items), "duplicates_of": dict(duplicates),
-                               "kept": len(items) - sum(duplicates.values())})
-    ids = Counter(f"{item.task}:{item.source_id}" for item, _ in kept)
-    repeated = [i for i, n in ids.items() if n > 1]
-    if repeated:
-        raise WorkloadError(f"row ids repeat (e.g. {repeated[0]!r}); give each record a unique id")
+    kept, dataset_report = read_datasets(config)
 
     # 2. lengths, and the context-length exclusion
     prompt_tokens = tokenizer.prompt_lengths([item.messages for item, _ in kept])
