@@ -26,9 +26,16 @@ owns it). Columns read here:
 `workload.jsonl`: one row per prompt with `id` (= records.prompt_id), `task`,
   `stratum`, `prompt_tokens`, `split` ('train' | 'eval') and, on the rows of a
   length-matched control, `control: {"task": A, "like": B}` (task A resampled
-  to task B's prompt lengths). Control rows are analysed as their own group,
-  named "A~B", and never pooled into a task. Optional: without it, groups come
-  from the records' `task` column and prompt lengths from `prompt_tokens`.
+  to task B's prompt lengths; their `task` is "A-like-B"). Control rows are
+  analysed as their own group and never pooled into "all". Optional: without
+  it, groups come from the records' `task` column, prompt lengths from their
+  `prompt_tokens`, and no row is known to be a control.
+
+`workload.build.json` (optional): `lengths = {task: {"prompt_tokens": [...],
+  "ref_tokens": [...]}}` of every prompt the workload kept (both splits): the
+  datasets' own length distributions, beside the measured eval set's.
+
+`state.json` (optional): `dead_arms = {arm: reason}`, arms the runner gave up on.
 
 `config.resolved.yaml`: the ExperimentConfig (specdrift/config.py). Read:
   `arms[].name`, `arms[].speculative.{method, num_speculative_tokens,

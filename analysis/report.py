@@ -45,6 +45,8 @@ def _run_section(results: dict) -> list:
                   f"temperature {text.num(run['temperature'])}. Speed-ups are against `{run['baseline_arm']}`."),
         Table(["arm", "speculation", "K", "drafter", "ok requests", "failed requests"], rows),
     ]
+    for arm, reason in sorted(inputs["dead_arms"].items()):
+        blocks.append(Paragraph(f"The runner gave up on arm {arm}: {reason}."))
     if inputs["arms_without_records"]:
         blocks.append(Paragraph("Configured arms without a single record (not started, or died before their "
                                 f"first request): {', '.join(inputs['arms_without_records'])}."))
@@ -63,7 +65,7 @@ def _speedup_section(results: dict, figures: dict) -> list:
     blocks = [Heading(2, "Speed-up against the baseline, paired by prompt"),
               Paragraph(results["methods"]["pairing"].capitalize() + ". A speed-up is the geometric mean over "
                         "prompts of baseline/arm, for TPOT (time per output token after the first) and for "
-                        "end-to-end time; > 1 means the arm is faster. Intervals: 95% percentile bootstrap over "
+                        "end-to-end time; > 1 means the arm is faster. Intervals: 95% bootstrap (expanded percentile) over "
                         "prompts. The baseline's own row is its second run over its first: the noise floor.")]
     if "speedup.png" in figures:
         blocks.append(Figure(f"{FIGURES}/speedup.png", figures["speedup.png"]))
@@ -153,7 +155,7 @@ def _lossless_section(results: dict) -> list:
 def _triple(entry: dict | None) -> str:
     if not entry or entry.get("js") is None:
         return text.DASH
-    return f"{text.num(entry['js'])} / {text.num(entry['w1'], 4)} / {text.num(entry['ks'])}"
+    return f"{text.num(entry['js'])} / {text.num(entry['w1'], 1)} / {text.num(entry['ks'])}"
 
 
 def _divergence_section(results: dict, figures: dict) -> list:
@@ -166,7 +168,7 @@ def _divergence_section(results: dict, figures: dict) -> list:
                         "doubling of length) shared by every comparison. W1: Wasserstein-1 distance in tokens. KS: "
                         f"two-sample Kolmogorov–Smirnov statistic. Task lengths: {method['task_lengths']}.")]
     blocks.append(Table(["task"] + [f"{k}: n / median" for k in ("prompt", "output", "total")],
-                        [[t] + [f"{div['task_lengths'][t][k]['n']} / {text.num(div['task_lengths'][t][k]['median'], 4)}"
+                        [[t] + [f"{div['task_lengths'][t][k]['n']} / {text.num(div['task_lengths'][t][k]['median'], 1)}"
                                 for k in ("prompt", "output", "total")] for t in tasks], "Task lengths (tokens)"))
     if "divergence_tasks.png" in figures:
         blocks.append(Figure(f"{FIGURES}/divergence_tasks.png", figures["divergence_tasks.png"]))
@@ -175,6 +177,15 @@ def _divergence_section(results: dict, figures: dict) -> list:
         rows = [[a] + [_triple({x: m[x][i][j] for x in ("js", "w1", "ks")}) for j in range(len(tasks))]
                 for i, a in enumerate(tasks)]
         blocks.append(Table(["task"] + tasks, rows, f"Task × task, {kind} length: JS / W1 / KS"))
+    datasets = div.get("datasets")
+    if datasets:
+        names = datasets["tasks"]
+        for kind, m in datasets["matrices"].items():
+            rows = [[a] + [_triple({x: m[x][i][j] for x in ("js", "w1", "ks")}) for j in range(len(names))]
+                    for i, a in enumerate(names)]
+            blocks.append(Table(["dataset"] + names, rows,
+                                f"Datasets as kept by the workload (both splits, unstratified), {kind} length: "
+                                "JS / W1 / KS"))
     if div["drafters"]:
         if "divergence_drafters.png" in figures:
             blocks.append(Figure(f"{FIGURES}/divergence_drafters.png", figures["divergence_drafters.png"]))
@@ -214,7 +225,8 @@ def _answer_section(results: dict, figures: dict) -> list:
         if name in figures:
             blocks.append(Figure(f"{FIGURES}/{name}", figures[name]))
     for entry in results["answer"]:
-        blocks.append(Heading(3, f"{entry['finetuned_arm']} (fine-tuned on {entry['finetune_tasks']}) against "
+        tasks = entry["finetune_tasks"] if isinstance(entry["finetune_tasks"], str) else ", ".join(entry["finetune_tasks"])
+        blocks.append(Heading(3, f"{entry['finetuned_arm']} (fine-tuned on {tasks}) against "
                                  f"{entry['generic_arm']}, {entry['regime']} regime"))
         if entry.get("missing"):
             blocks.append(Paragraph(f"Not available: {entry['missing']}."))
@@ -351,11 +363,10 @@ def results_json(results: dict) -> str:
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     """Analyse a run directory; write results.json, report.md, report.html and
     figures/ into out_dir (default: the run directory). Returns the results."""
-    run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir else run_dir
-    out.mkdir(parents=True, exist_ok=True)
     run = load_run(run_dir)
     results = compute_results(run)
+    out = Path(out_dir) if out_dir else Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(results_json(results))
     from analysis.figures import draw_all
 

@@ -207,6 +207,12 @@ def _divergence(run: RunData, lengths: pd.DataFrame, edges: np.ndarray) -> dict:
         pairs = {(a, b): divergence.compare(_sample(by_task[a], kind), _sample(by_task[b], kind), edges)
                  for a in tasks for b in tasks}
         matrices[kind] = {m: [[pairs[a, b][m] for b in tasks] for a in tasks] for m in divergence.MEASURES}
+    datasets = sorted(run.dataset_lengths)
+    dataset_matrices = {}
+    for kind, field in (("prompt", "prompt_tokens"), ("reference output", "ref_tokens")):
+        samples = {t: run.dataset_lengths[t].get(field) or [] for t in datasets}
+        pairs = {(a, b): divergence.compare(samples[a], samples[b], edges) for a in datasets for b in datasets}
+        dataset_matrices[kind] = {m: [[pairs[a, b][m] for b in datasets] for a in datasets] for m in divergence.MEASURES}
     drafters = {
         name: {task: {kind: divergence.compare(d.lengths[kind], _sample(by_task[task], kind), edges)
                       for kind in divergence.LENGTH_KINDS if kind in d.lengths} for task in tasks}
@@ -222,6 +228,8 @@ def _divergence(run: RunData, lengths: pd.DataFrame, edges: np.ndarray) -> dict:
                                     "median": _median(by_task[t][kind])} for kind in divergence.LENGTH_KINDS}
                          for t in tasks},
         "matrices": matrices,
+        # The datasets as kept by the workload (workload.build.json): natural, not stratified, lengths.
+        "datasets": {"tasks": datasets, "matrices": dataset_matrices} if datasets else None,
         "drafters": drafters,
         "drafter_lengths": {name: {kind: {"n": len(v), "median": float(np.median(v))} for kind, v in d.lengths.items()}
                             for name, d in run.drafters.items() if d.lengths},
@@ -419,6 +427,7 @@ def _inputs(run: RunData, regimes: list[str]) -> dict:
         "records": len(records), "files": run.files,
         "arms_configured": [a.name for a in run.arms],
         "arms_without_records": [a.name for a in run.arms if a.name not in set(records["arm"])],
+        "dead_arms": run.dead_arms,
         "requests_by_status": counts, "coverage": coverage,
         "cost_json_arms": sorted(run.cost),
     }
@@ -458,6 +467,7 @@ def compute_results(run: RunData) -> dict:
     lengths = prompt_lengths(run)
     all_lengths = [v for kind in divergence.LENGTH_KINDS for v in lengths[kind].dropna()]
     all_lengths += [v for d in run.drafters.values() for values in d.lengths.values() for v in values]
+    all_lengths += [v for by_kind in run.dataset_lengths.values() for values in by_kind.values() for v in values or []]
     edges = divergence.log_bin_edges(max(all_lengths, default=1))
     answers = _answer(run, ok, accept, lengths, edges, primary)
     t0 = float(run.records["t_start"].min()) if len(run.records) else 0.0

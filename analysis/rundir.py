@@ -54,11 +54,14 @@ class RunData:
     arms: list[Arm]  # config order, then arms seen only in the records
     regimes: list[str]  # load order
     drafters: dict[str, Drafter]
-    # All records sorted by (t_start, request_id), with `group` (task, or "A~B" for a control) added.
+    # All records sorted by (t_start, request_id), with `group` (the workload's task) added.
     records: pd.DataFrame
     # One row per prompt: prompt_id, group, stratum, is_control, control_task, control_like, prompt_tokens.
     prompts: pd.DataFrame
     cost: dict
+    dead_arms: dict[str, str]  # from state.json: arm -> why the runner gave up on it
+    # workload.build.json's lengths of every kept prompt: {task: {"prompt_tokens": [...], "ref_tokens": [...]}}
+    dataset_lengths: dict[str, dict[str, list[int]]]
     environment: dict
     target_dtype: str | None
     temperature: float | None
@@ -74,10 +77,6 @@ class RunData:
     @property
     def speculative_arms(self) -> list[Arm]:
         return [a for a in self.arms if a.method and a.name != self.baseline]
-
-
-def control_label(task: str, like: str) -> str:
-    return f"{task}~{like}"
 
 
 def _read_json(path: Path, default):
@@ -148,10 +147,7 @@ def _prompts(records: pd.DataFrame, workload: pd.DataFrame | None) -> pd.DataFra
     else:
         sent = sent.assign(control_task=None, control_like=None)
     sent["is_control"] = sent["control_task"].notna() & sent["control_like"].notna()
-    sent["group"] = [
-        control_label(t, l) if c else task
-        for c, t, l, task in zip(sent["is_control"], sent["control_task"], sent["control_like"], sent["task"])
-    ]
+    sent["group"] = sent["task"].astype(str)  # a control's task is already its own ("A-like-B")
     sent["prompt_tokens"] = pd.to_numeric(sent["prompt_tokens"], errors="coerce")
     return sent.sort_values("prompt_id").reset_index(drop=True)
 
@@ -225,9 +221,12 @@ def load_run(run_dir: str | Path) -> RunData:
         records=records,
         prompts=prompts,
         cost=cost.get("arms") or {},
+        dead_arms=_read_json(run_dir / "state.json", {}).get("dead_arms") or {},
+        dataset_lengths=_read_json(run_dir / "workload.build.json", {}).get("lengths") or {},
         environment=_read_json(run_dir / "environment.json", {}),
         target_dtype=(config.get("target") or {}).get("dtype"),
         temperature=config.get("temperature"),
         files={name: (run_dir / name).exists() for name in
-               ("config.resolved.yaml", "workload.jsonl", "environment.json", "cost.json", "drafters")},
+               ("config.resolved.yaml", "workload.jsonl", "workload.build.json", "environment.json", "state.json",
+                "cost.json", "drafters")},
     )

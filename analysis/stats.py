@@ -87,13 +87,15 @@ def ols_slope(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return (xc * yc).sum(axis=-1) / (xc * xc).sum(axis=-1)
 
 
-def _demean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Subtract each group's mean along the last axis (groups: integer codes per column)."""
-    out = values.astype(float).copy()
-    for code in np.unique(groups):
-        mask = groups == code
-        out[..., mask] -= values[..., mask].mean(axis=-1, keepdims=True)
-    return out
+def _demean(values: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Subtract each group's mean along the last axis; `codes` (same shape)
+    holds each unit's group as an integer 0..G-1."""
+    onehot = codes[..., None] == np.arange(codes.max() + 1)  # (..., n, G)
+    sums = (values[..., None] * onehot).sum(axis=-2)
+    counts = onehot.sum(axis=-2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts
+    return values - np.take_along_axis(means, codes, axis=-1)
 
 
 def slope(x, y, seed: int, within=None) -> dict:
@@ -107,16 +109,10 @@ def slope(x, y, seed: int, within=None) -> dict:
     n = x.size
     if n < 2:
         return {"n": n, "value": None, "ci": None}
-    codes = np.unique(np.asarray(within), return_inverse=True)[1] if within is not None else np.zeros(n, int)
+    codes = np.unique(np.asarray(within), return_inverse=True)[1].reshape(n) if within is not None \
+        else np.zeros(n, dtype=int)
     point = float(ols_slope(_demean(x, codes), _demean(y, codes)))
-
-    def statistic(idx):
-        xs, ys, gs = x[idx], y[idx], codes[idx]
-        if within is None:
-            return ols_slope(xs, ys)
-        return np.array([ols_slope(_demean(xr, gr), _demean(yr, gr)) for xr, yr, gr in zip(xs, ys, gs)])
-
-    ci = bootstrap_ci(statistic, n, seed)
+    ci = bootstrap_ci(lambda idx: ols_slope(_demean(x[idx], codes[idx]), _demean(y[idx], codes[idx])), n, seed)
     return {"n": n, "value": point if math.isfinite(point) else None, "ci": list(ci) if ci else None}
 
 

@@ -191,6 +191,8 @@ def _inputs(results: dict) -> list[str]:
     for arm in inputs["arms_without_records"]:
         lines.append(f"Arm {arm} has no records: it did not start or died before its first request, and is "
                      "absent from every table.")
+    for arm, reason in sorted(inputs["dead_arms"].items()):
+        lines.append(f"The runner gave up on arm {arm} ({reason}); its tables cover only what it answered before.")
     for arm, by_regime in inputs["requests_by_status"].items():
         failed = {}
         for regime in by_regime.values():

@@ -50,6 +50,11 @@ DRIFT_PER_MIN = 0.01  # the machine slows down 1% a minute
 LOAD_SLOWDOWN = {"sequential": 1.0, "concurrency-4": 4.0}  # speculation's step cost grows with batch size
 
 
+def _source(task: str) -> str:
+    """The task a prompt comes from (a control "A-like-B" comes from A)."""
+    return task.split("-like-")[0]
+
+
 def stratum_label(n: int) -> str:
     lo, hi = next((lo, hi) for lo, hi in STRATA if lo <= n < hi)
     return f"p{lo}-{hi}"
@@ -88,8 +93,8 @@ def _prompts(rng: np.random.Generator, per_cell: int) -> list[dict]:
                 prompts.append({"id": f"{task}-{s_lo}-{i}", "task": task, "stratum": stratum_label(n), "prompt_tokens": n})
     # The control: gsm8k questions drawn to follow xsum's prompt lengths.
     for i in range(per_cell):
-        n = int(rng.integers(70, 240))
-        prompts.append({"id": f"control-gsm8k-xsum-{i}", "task": "gsm8k", "stratum": stratum_label(n),
+        n = int(rng.integers(*TASKS["xsum"]["prompt"]))
+        prompts.append({"id": f"control-gsm8k-xsum-{i}", "task": "gsm8k-like-xsum", "stratum": stratum_label(n),
                         "prompt_tokens": n, "control": {"task": "gsm8k", "like": "xsum"}})
     return prompts
 
@@ -125,8 +130,8 @@ def _record(rng, clock, run_id, arm, prompt, regime, output_tokens, failed_statu
     record.update({
         "request_id": f"{regime}-{arm}-{prompt['id']}-{clock.now:.3f}", "run_id": run_id, "arm": arm,
         "task": prompt["task"], "stratum": prompt["stratum"], "prompt_id": prompt["id"], "regime": regime,
-        "endpoint": "/v1/chat/completions", "stream": 1, "upstream": f"http://127.0.0.1:81{len(arm)}",
-        "prompt_tokens": prompt["prompt_tokens"], "max_tokens": TASKS[prompt["task"]]["max_tokens"],
+        "endpoint": "chat", "stream": 1, "upstream": f"http://127.0.0.1:81{len(arm)}",
+        "prompt_tokens": prompt["prompt_tokens"], "max_tokens": TASKS[_source(prompt["task"])]["max_tokens"],
         "temperature": 0.0, "t_start": clock.now,
     })
     if failed_status:
@@ -138,7 +143,7 @@ def _record(rng, clock, run_id, arm, prompt, regime, output_tokens, failed_statu
     if arm == "baseline":
         steps, spec = output_tokens, None
     else:
-        p = ACCEPTANCE[arm][prompt["task"]]
+        p = ACCEPTANCE[arm][_source(prompt["task"])]
         drafts, per_pos = _decode(rng, p, output_tokens)
         steps = drafts
         step *= (1 + K * COST_RATIO[arm] * LOAD_SLOWDOWN[regime])
@@ -177,9 +182,13 @@ def write_synthetic_run(run_dir: Path, *, seed: int = 0, per_cell: int = 6,
     prompts = _prompts(rng, per_cell)
     with (run_dir / "workload.jsonl").open("w") as f:
         for p in prompts:
-            row = {"dataset": p["task"], "messages": [{"role": "user", "content": f"prompt {p['id']}"}],
-                   "max_tokens": TASKS[p["task"]]["max_tokens"], "ref_tokens": None, "split": "eval", **p}
+            row = {"dataset": _source(p["task"]), "messages": [{"role": "user", "content": f"prompt {p['id']}"}],
+                   "max_tokens": TASKS[_source(p["task"])]["max_tokens"], "ref_tokens": None, "split": "eval", **p}
             f.write(json.dumps(row) + "\n")
+    natural = {task: [int(rng.integers(*spec["prompt"])) for _ in range(80)] for task, spec in TASKS.items()}
+    (run_dir / "workload.build.json").write_text(json.dumps({"lengths": {
+        task: {"prompt_tokens": lengths, "ref_tokens": [int(rng.integers(10, spec["max_tokens"])) for _ in lengths]}
+        for (task, lengths), spec in zip(natural.items(), TASKS.values())}}))
     if cards:
         generic = [(int(rng.integers(8, 900)), int(rng.integers(20, 128))) for _ in range(300)]
         finetuned = [(int(rng.integers(40, 240)), int(rng.integers(60, 128))) for _ in range(150)]
@@ -191,8 +200,8 @@ def write_synthetic_run(run_dir: Path, *, seed: int = 0, per_cell: int = 6,
             (run_dir / "drafters" / name / "drafter_card.json").write_text(json.dumps(card))
 
     # Output length is a property of the prompt (greedy decoding), shared by all arms.
-    outputs = {p["id"]: int(rng.integers(TASKS[p["task"]]["max_tokens"] // 2, TASKS[p["task"]]["max_tokens"] + 1))
-               for p in prompts}
+    budget = {p["id"]: TASKS[_source(p["task"])]["max_tokens"] for p in prompts}
+    outputs = {pid: int(rng.integers(tokens // 2, tokens + 1)) for pid, tokens in budget.items()}
     clock = _Clock(1_700_000_000.0)
     sent = {a: 0 for a in arms}
     records = []
@@ -231,8 +240,8 @@ def write_synthetic_run(run_dir: Path, *, seed: int = 0, per_cell: int = 6,
 
 
 def test_synthetic_run_follows_the_contract(tmp_path):
-    """The synthetic run is valid for the config schema and has the gateway's
-    record columns (checked against service/records.py once it exists)."""
+    """The synthetic run is valid for the config schema and has exactly the
+    gateway's record columns, which include every column the analysis reads."""
     from analysis.rundir import RECORD_COLUMNS
     from specdrift.config import parse_config
 
@@ -240,9 +249,6 @@ def test_synthetic_run_follows_the_contract(tmp_path):
     parse_config(yaml.safe_load((run_dir / "config.resolved.yaml").read_text()), run_dir / "config.resolved.yaml")
     columns = [name for name, _ in RECORD_SCHEMA]
     assert set(RECORD_COLUMNS) <= set(columns)
-    records_module = Path(__file__).resolve().parent.parent / "service" / "records.py"
-    if not records_module.exists():
-        pytest.skip("service/records.py not written yet")
-    source = records_module.read_text()
-    missing = [c for c in RECORD_COLUMNS if c not in source]
-    assert not missing, f"columns the analysis reads that service/records.py does not mention: {missing}"
+    from service.records import COLUMNS
+
+    assert columns == list(COLUMNS), "the synthetic records no longer match the gateway's table"
