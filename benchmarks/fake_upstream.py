@@ -83,7 +83,8 @@ class FakeUpstream:
         return True
 
     async def generate(self, request: dict, chat: bool, reader, writer) -> bool:
-        text = request["messages"][-1]["content"] if chat else request["prompt"]
+        text = (request["messages"][-1].get("content") if request.get("messages") else None) if chat \
+            else request.get("prompt")
         options = {k: int(v) for k, v in DIRECTIVE.findall(text if isinstance(text, str) else "")}
         if "status" in options:
             return self.reply_json(writer, options["status"], error("fake upstream refused", options["status"]))

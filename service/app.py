@@ -201,7 +201,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     guarded = [Depends(require_token)] if gateway.token else []
     # Models built here, with this gateway's bound; the endpoints' annotations
     # name them directly (so this module does without postponed annotations).
-    CompletionRequest, ChatCompletionRequest = request_models(settings.max_tokens_limit)
+    CompletionRequest, ChatCompletionRequest = request_models(settings.max_tokens_limit, list(gateway.arms))
     generation = dict(dependencies=guarded, responses=GENERATION_RESPONSES, response_class=Response,
                       openapi_extra={"parameters": TAG_PARAMETERS})
 

@@ -10,9 +10,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from service.tags import TAG_HEADERS, TAG_VALUE
+
+
+def _integral_float_to_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(**bounds: int) -> Any:
+    """An integer as JSON Schema means it (5.0 is one), checked strictly otherwise ("5" is not).
+    Bounds go inside the Annotated, before the validator, or pydantic's JSON schema loses them."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral_float_to_int)]
+
+
+JsonInt = json_int()
+PositiveInt = json_int(ge=1)
 
 
 class StreamOptions(BaseModel):
@@ -25,11 +39,11 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1, description="the arm's name (see GET /v1/models)")
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: PositiveInt | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0)
-    n: int | None = Field(default=None, ge=1, le=1, description="one sequence per request")
+    n: json_int(ge=1, le=1) | None = Field(default=None, description="one sequence per request")
     return_token_ids: bool | None = None
 
     def requested_max_tokens(self) -> int | None:
@@ -37,8 +51,8 @@ class GenerationRequest(BaseModel):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[int] | Annotated[list[str], Field(max_length=1)] | Annotated[
-        list[list[int]], Field(max_length=1)] = Field(
+    prompt: str | list[JsonInt] | Annotated[list[str], Field(max_length=1)] | Annotated[
+        list[list[JsonInt]], Field(max_length=1)] = Field(
         description="one prompt: text or token ids (a list of one is accepted too)")
 
 
@@ -51,21 +65,24 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: PositiveInt | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-def request_models(max_tokens_limit: int) -> tuple[type[CompletionRequest], type[ChatCompletionRequest]]:
-    """The request models with this gateway's max_tokens bound (absent: the bound is applied)."""
+def request_models(max_tokens_limit: int, arms: list[str]) -> tuple[type[CompletionRequest],
+                                                                   type[ChatCompletionRequest]]:
+    """The request models with this gateway's max_tokens bound (absent: the bound is applied) and its arms as
+    examples of `model` (any other name is a 404, as from an OpenAI server)."""
     def bounded() -> Any:
-        return (int | None, Field(default=None, ge=1, le=max_tokens_limit,
-                                  description=f"at most {max_tokens_limit}; absent: {max_tokens_limit}"))
+        return (json_int(ge=1, le=max_tokens_limit) | None,
+                Field(default=None, description=f"at most {max_tokens_limit}; absent: {max_tokens_limit}"))
 
-    completion = create_model("CompletionRequest", __base__=CompletionRequest, max_tokens=bounded())
-    chat = create_model("ChatCompletionRequest", __base__=ChatCompletionRequest, max_tokens=bounded(),
-                        max_completion_tokens=bounded())
+    model = (str, Field(min_length=1, examples=arms, description="the arm's name (see GET /v1/models)"))
+    completion = create_model("CompletionRequest", __base__=CompletionRequest, model=model, max_tokens=bounded())
+    chat = create_model("ChatCompletionRequest", __base__=ChatCompletionRequest, model=model,
+                        max_tokens=bounded(), max_completion_tokens=bounded())
     return completion, chat
 
 

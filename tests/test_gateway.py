@@ -6,6 +6,7 @@ second each) and no model; the real-vLLM tests are in test_gateway_e2e.py."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -16,8 +17,10 @@ import uuid
 from pathlib import Path
 
 import httpx
+import hypothesis
 import openai
 import pytest
+import schemathesis
 
 from service.launch import start_gateway
 from service.records import read_records
@@ -491,3 +494,37 @@ def test_requests_in_flight_when_the_gateway_stops_are_recorded(stack, logs, fak
         child.proc.wait(10)  # uvicorn shuts down gracefully, then re-raises SIGTERM
     [record] = read_records(records, run)
     assert record["status"] == "gateway_shutdown" and record["http_status"] == 200
+
+
+# --- fuzzing against the OpenAPI schema ------------------------------------------------------
+
+def fuzz(url: str, mode: str, arms: list[str], max_examples: int) -> collections.Counter:
+    """Schemathesis generates requests from /openapi.json (valid ones, or
+    invalid ones) and runs all its checks on each answer; a 5xx is allowed
+    only when the gateway marks the upstream as its cause. Valid requests
+    name a real arm half the time, so they reach the upstream."""
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    answers = collections.Counter()
+
+    @hypothesis.given(case=schema.as_strategy(schemathesis.GenerationMode(mode)),
+                      arm=hypothesis.strategies.sampled_from([None, *arms]))
+    @hypothesis.settings(max_examples=max_examples, deadline=None, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    def check(case, arm):
+        if mode == "positive" and arm and isinstance(case.body, dict) and "model" in case.body:
+            case.body["model"] = arm
+        response = case.call(base_url=url, timeout=60)
+        answers[response.status_code] += 1
+        assert response.status_code < 500 or response.headers.get("x-specdrift-error-source") == ["upstream"], (
+            f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:300]}")
+        case.validate_response(response)
+
+    check()
+    return answers
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzed_requests_get_no_5xx_of_the_gateways_own(gateway, mode):
+    answers = fuzz(gateway["url"], mode, ["fake"], max_examples=150)
+    if mode == "positive":
+        assert answers[200] >= 10  # the fuzzing reached the upstream, not only the validation
