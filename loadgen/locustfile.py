@@ -36,6 +36,7 @@ from locust.runners import MasterRunner, WorkerRunner
 from loadgen.shapes import BLOCKS, ROTATE, SHAPES, Scheduler, steps_for
 
 log = logging.getLogger("specdrift.locust")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per request
 
 ASK, JOB, DONE = "specdrift_ask", "specdrift_job", "specdrift_done"
 IDLE_POLL_S = 0.2  # how often an idle user asks again
