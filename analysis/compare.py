@@ -29,7 +29,8 @@ def compare_results(a: dict, b: dict) -> dict:
     """The side-by-side numbers (written as compare.json)."""
     order = {arm["name"]: i for i, arm in enumerate(a["run"]["arms"] + b["run"]["arms"])}
     rows = []
-    for arm, regime, group in sorted(_scopes(a) | _scopes(b), key=lambda k: (order.get(k[0], 99), k[1], k[2] != ALL, k[2])):
+    scopes = sorted(_scopes(a) | _scopes(b), key=lambda k: (order.get(k[0], 99), k[1], k[2] != ALL, k[2]))
+    for arm, regime, group in scopes:
         ca, cb = find_cell(a["cells"], arm, regime, group), find_cell(b["cells"], arm, regime, group)
         speed = [(c or {}).get("speedup", {}).get("tpot") for c in (ca, cb)]
         tau = [((c or {}).get("acceptance") or {}) for c in (ca, cb)]
@@ -74,7 +75,8 @@ def build_document(comparison: dict) -> Document:
     doc.add(Heading(2, "Speed-up and acceptance per arm, regime and task"),
             Paragraph("Each run keeps its own 95% interval; '≠' marks rows whose intervals do not overlap."),
             Table(["arm", "regime", "task", "TPOT speed-up A", "TPOT speed-up B", "", "τ A", "τ B", ""],
-                  [[r["arm"], r["regime"], r["group"], text.ratio(r["tpot_speedup"][0]), text.ratio(r["tpot_speedup"][1]),
+                  [[r["arm"], r["regime"], r["group"],
+                    text.ratio(r["tpot_speedup"][0]), text.ratio(r["tpot_speedup"][1]),
                     "≠" if r["speedup_intervals_disjoint"] else "",
                     text.with_ci(r["tau"][0]["value"], r["tau"][0]["ci"]),
                     text.with_ci(r["tau"][1]["value"], r["tau"][1]["ci"]),

@@ -49,7 +49,9 @@ def ecdf_distances(u, v) -> tuple[float, float]:
     """(Wasserstein-1, KS statistic) from the two empirical CDFs on the merged support."""
     u, v = np.sort(np.asarray(u, dtype=float)), np.sort(np.asarray(v, dtype=float))
     support = np.unique(np.concatenate([u, v]))
-    gap = np.abs(np.searchsorted(u, support, side="right") / u.size - np.searchsorted(v, support, side="right") / v.size)
+    cdf_u = np.searchsorted(u, support, side="right") / u.size
+    cdf_v = np.searchsorted(v, support, side="right") / v.size
+    gap = np.abs(cdf_u - cdf_v)
     w1 = float(np.sum(gap[:-1] * np.diff(support)))
     return w1, float(gap.max())
 

@@ -82,8 +82,8 @@ def speedup(results: dict, path: Path) -> str | None:
         _log_axis(ax, "×")
         ax.set_ylabel(f"{arm}\nspeed-up")
         ax.grid(axis="y", alpha=0.3)
-        for i, (g, s) in enumerate(scopes):
-            if s == ALL:
+        for i, (_, stratum) in enumerate(scopes):
+            if stratum == ALL:
                 ax.axvline(i - 0.5, color="grey", lw=0.5)
     axes[0, 0].legend(loc="upper right", fontsize=7, ncol=3)
     axes[-1, 0].set_xticks(x, [f"{g}\n{s}" if s != ALL else f"{g}\n(all)" for g, s in scopes], rotation=90, fontsize=7)
@@ -255,8 +255,10 @@ def load_curve(results: dict, path: Path) -> str | None:
         for i, (arm, curve) in enumerate(sorted(curves.items())):
             xs = [regimes.index(p["regime"]) + 0.04 * i for p in curve["points"]]
             points = [_err(p[metric]) for p in curve["points"]]
+            crossing = curve["crosses_between"]
+            label = f"{arm} (crosses 1× between {' and '.join(crossing)})" if crossing else arm
             ax.errorbar(xs, [p[0] for p in points], yerr=np.array([p[1] for p in points]).T, marker="o", capsize=2,
-                        label=arm)
+                        label=label)
         ax.axhline(1, color="black", lw=0.8)
         ax.set_xticks(range(len(regimes)), regimes, fontsize=8)
         ax.set_title(f"{metric.upper()} speed-up over the baseline")

@@ -44,6 +44,8 @@ def _run_section(results: dict) -> list:
                   f"(primary: {run['primary_regime']}); target dtype {run['target_dtype'] or 'unknown'}, "
                   f"temperature {text.num(run['temperature'])}. Speed-ups are against `{run['baseline_arm']}`."),
         Table(["arm", "speculation", "K", "drafter", "ok requests", "failed requests"], rows),
+        Table(["regime", "how arms were scheduled (pairing in time)"],
+              [[regime, plan] for regime, plan in run["regime_plans"].items()]),
     ]
     for arm, reason in sorted(inputs["dead_arms"].items()):
         blocks.append(Paragraph(f"The runner gave up on arm {arm}: {reason}."))
@@ -65,8 +67,9 @@ def _speedup_section(results: dict, figures: dict) -> list:
     blocks = [Heading(2, "Speed-up against the baseline, paired by prompt"),
               Paragraph(results["methods"]["pairing"].capitalize() + ". A speed-up is the geometric mean over "
                         "prompts of baseline/arm, for TPOT (time per output token after the first) and for "
-                        "end-to-end time; > 1 means the arm is faster. Intervals: 95% bootstrap (expanded percentile) over "
-                        "prompts. The baseline's own row is its second run over its first: the noise floor.")]
+                        "end-to-end time; > 1 means the arm is faster. Intervals: 95% bootstrap (expanded "
+                        "percentile) over prompts. The baseline's own row is its second run over its first: "
+                        "the noise floor.")]
     if "speedup.png" in figures:
         blocks.append(Figure(f"{FIGURES}/speedup.png", figures["speedup.png"]))
     for regime in run["regimes"]:
@@ -163,10 +166,11 @@ def _divergence_section(results: dict, figures: dict) -> list:
     tasks = div["tasks"]
     method = div["method"]
     blocks = [Heading(2, "Length divergence"),
-              Paragraph(f"Each cell gives JS / W1 / KS. JS: Jensen–Shannon divergence, log base {method['js_log_base']} "
-                        f"(0 = same, 1 = disjoint), on one set of log-spaced bins ({method['bins_per_doubling']} per "
-                        "doubling of length) shared by every comparison. W1: Wasserstein-1 distance in tokens. KS: "
-                        f"two-sample Kolmogorov–Smirnov statistic. Task lengths: {method['task_lengths']}.")]
+              Paragraph("Each cell gives JS / W1 / KS. JS: Jensen–Shannon divergence, log base "
+                        f"{method['js_log_base']} (0 = same, 1 = disjoint), on one set of log-spaced bins "
+                        f"({method['bins_per_doubling']} per doubling of length) shared by every comparison. "
+                        "W1: Wasserstein-1 distance in tokens. KS: two-sample Kolmogorov–Smirnov statistic. "
+                        f"Task lengths: {method['task_lengths']}.")]
     blocks.append(Table(["task"] + [f"{k}: n / median" for k in ("prompt", "output", "total")],
                         [[t] + [f"{div['task_lengths'][t][k]['n']} / {text.num(div['task_lengths'][t][k]['median'], 1)}"
                                 for k in ("prompt", "output", "total")] for t in tasks], "Task lengths (tokens)"))
@@ -225,7 +229,8 @@ def _answer_section(results: dict, figures: dict) -> list:
         if name in figures:
             blocks.append(Figure(f"{FIGURES}/{name}", figures[name]))
     for entry in results["answer"]:
-        tasks = entry["finetune_tasks"] if isinstance(entry["finetune_tasks"], str) else ", ".join(entry["finetune_tasks"])
+        tasks = entry["finetune_tasks"]
+        tasks = tasks if isinstance(tasks, str) else ", ".join(tasks)
         blocks.append(Heading(3, f"{entry['finetuned_arm']} (fine-tuned on {tasks}) against "
                                  f"{entry['generic_arm']}, {entry['regime']} regime"))
         if entry.get("missing"):
@@ -276,9 +281,12 @@ def _control_section(results: dict) -> list:
                     rows.append([arm, group, text.ratio(entry["speedup_tpot"]),
                                  text.with_ci(entry["tau"], entry["tau_ci"])])
         blocks.append(Table(["arm", "group", "TPOT speed-up [95% CI]", "τ [95% CI]"], rows))
-        gains = [[arm, group, text.ratio((g or {}).get("speed_ratio")),
-                  text.with_ci(((g or {}).get("tau_gain") or {}).get("value"), ((g or {}).get("tau_gain") or {}).get("ci"))]
-                 for arm, by_group in control["gains"].items() for group, g in by_group.items()]
+        gains = []
+        for arm, by_group in control["gains"].items():
+            for group, gain in by_group.items():
+                tau_gain = (gain or {}).get("tau_gain") or {}
+                gains.append([arm, group, text.ratio((gain or {}).get("speed_ratio")),
+                              text.with_ci(tau_gain.get("value"), tau_gain.get("ci"))])
         if gains:
             blocks.append(Table(["fine-tuned arm", "group", "fine-tuned/generic speed", "τ gain"], gains))
     return blocks

@@ -125,8 +125,8 @@ def _cells(run: RunData, regimes: list[str], speed: dict, accept: dict, records:
 
 
 def find_cell(cells: list[dict], arm: str, regime: str | None, group: str = ALL, stratum: str = ALL) -> dict | None:
-    return next((c for c in cells if (c["arm"], c["regime"], c["group"], c["stratum"]) == (arm, regime, group, stratum)),
-                None)
+    key = (arm, regime, group, stratum)
+    return next((c for c in cells if (c["arm"], c["regime"], c["group"], c["stratum"]) == key), None)
 
 
 # --- the analytic model ------------------------------------------------------
@@ -212,7 +212,8 @@ def _divergence(run: RunData, lengths: pd.DataFrame, edges: np.ndarray) -> dict:
     for kind, field in (("prompt", "prompt_tokens"), ("reference output", "ref_tokens")):
         samples = {t: run.dataset_lengths[t].get(field) or [] for t in datasets}
         pairs = {(a, b): divergence.compare(samples[a], samples[b], edges) for a in datasets for b in datasets}
-        dataset_matrices[kind] = {m: [[pairs[a, b][m] for b in datasets] for a in datasets] for m in divergence.MEASURES}
+        dataset_matrices[kind] = {m: [[pairs[a, b][m] for b in datasets] for a in datasets]
+                                  for m in divergence.MEASURES}
     drafters = {
         name: {task: {kind: divergence.compare(d.lengths[kind], _sample(by_task[task], kind), edges)
                       for kind in divergence.LENGTH_KINDS if kind in d.lengths} for task in tasks}
@@ -266,8 +267,9 @@ def _gain_row(group, stratum, speed_units_, acc_ft, acc_gen, lengths, split_ft, 
     if d_ft.sum() > 0 and d_gen.sum() > 0:
         tau_gain["value"] = a_ft.sum() / d_ft.sum() - a_gen.sum() / d_gen.sum()
         with np.errstate(invalid="ignore", divide="ignore"):
-            ci = stats.bootstrap_ci(lambda idx: a_ft[idx].sum(1) / d_ft[idx].sum(1) - a_gen[idx].sum(1) / d_gen[idx].sum(1),
-                                    len(both), stats.seed_for("gain-tau", *key))
+            ci = stats.bootstrap_ci(
+                lambda idx: a_ft[idx].sum(1) / d_ft[idx].sum(1) - a_gen[idx].sum(1) / d_gen[idx].sum(1),
+                len(both), stats.seed_for("gain-tau", *key))
         tau_gain["ci"] = list(ci) if ci else None
     cell_lengths = _select(lengths, None, group, stratum)
     return {
@@ -312,9 +314,10 @@ def _answer(run: RunData, ok: pd.DataFrame, accept: dict, lengths: pd.DataFrame,
         key = (ft, gen, primary)
         entry = {"finetuned_arm": ft, "generic_arm": gen, "drafter": drafter, "regime": primary,
                  "finetune_tasks": run.drafters[drafter].tasks, "rows": [], "fits": {}}
-        if ft not in accept or gen not in accept or not split_ft:
-            entry["missing"] = ("no records for " + " and ".join(a for a in (ft, gen) if a not in accept)
-                                if ft not in accept or gen not in accept else f"drafter card of {drafter} has no lengths")
+        unmeasured = [a for a in (ft, gen) if a not in accept]
+        if unmeasured or not split_ft:
+            entry["missing"] = (f"no records for {' and '.join(unmeasured)}" if unmeasured
+                                else f"drafter card of {drafter} has no lengths")
             answers.append(entry)
             continue
         speed = _label(speed_units(paired_requests(ok[ok["regime"] == primary], ft, gen)), run)
@@ -330,7 +333,8 @@ def _answer(run: RunData, ok: pd.DataFrame, accept: dict, lengths: pd.DataFrame,
     return answers
 
 
-def _controls(run: RunData, cells: list[dict], answers: list[dict], lengths: pd.DataFrame, edges, primary) -> list[dict]:
+def _controls(run: RunData, cells: list[dict], answers: list[dict], lengths: pd.DataFrame, edges,
+              primary) -> list[dict]:
     labels = run.prompts[run.prompts["is_control"]].drop_duplicates("group")
     controls = []
     for _, row in labels.sort_values("group").iterrows():
@@ -477,12 +481,14 @@ def compute_results(run: RunData) -> dict:
         "run": {"run_id": run.run_id, "name": run.name, "baseline_arm": run.baseline,
                 "arms": [{"name": a.name, "method": a.method, "num_speculative_tokens": a.num_speculative_tokens,
                           "drafter": a.drafter} for a in run.arms],
-                "regimes": regimes, "primary_regime": primary, "target_dtype": run.target_dtype,
+                "regimes": regimes, "primary_regime": primary,
+                "regime_plans": {r: run.regime_plans.get(r, "not in the config") for r in regimes}, "target_dtype": run.target_dtype,
                 "temperature": run.temperature,
                 "drafters": {n: {"init": d.init, "tasks": d.tasks} for n, d in run.drafters.items()},
                 "duration_s": float(run.records["t_end"].max() - t0) if len(run.records) else None},
         "methods": {
-            "bootstrap": {"kind": "expanded percentile (Hesterberg 2015)", "resamples": stats.RESAMPLES, "level": stats.LEVEL,
+            "bootstrap": {"kind": "expanded percentile (Hesterberg 2015)", "resamples": stats.RESAMPLES,
+                          "level": stats.LEVEL,
                           "base_seed": stats.BASE_SEED, "unit": "prompt (answer fits: (task, stratum) cell)",
                           "min_units_for_ci": stats.MIN_UNITS_FOR_CI, "small_sample": stats.SMALL_SAMPLE},
             "pairing": "each request is paired with the reference arm's request for the same prompt in the same "

@@ -53,6 +53,7 @@ class RunData:
     baseline: str
     arms: list[Arm]  # config order, then arms seen only in the records
     regimes: list[str]  # load order
+    regime_plans: dict[str, str]  # label -> how arms were scheduled (from the config)
     drafters: dict[str, Drafter]
     # All records sorted by (t_start, request_id), with `group` (the workload's task) added.
     records: pd.DataFrame
@@ -135,7 +136,8 @@ def _read_workload(path: Path) -> pd.DataFrame | None:
 
 def _prompts(records: pd.DataFrame, workload: pd.DataFrame | None) -> pd.DataFrame:
     """Every prompt that was sent, with its group, stratum and prompt length."""
-    sent = records.drop_duplicates("prompt_id")[["prompt_id", "task", "stratum", "prompt_tokens"]]
+    answered_first = pd.concat([records[records["status"] == OK], records[records["status"] != OK]])
+    sent = answered_first.drop_duplicates("prompt_id")[["prompt_id", "task", "stratum", "prompt_tokens"]]
     if workload is not None:
         known = workload.drop_duplicates("prompt_id").set_index("prompt_id")
         sent = sent.copy()
@@ -152,16 +154,20 @@ def _prompts(records: pd.DataFrame, workload: pd.DataFrame | None) -> pd.DataFra
     return sent.sort_values("prompt_id").reset_index(drop=True)
 
 
-def _regime_labels(regimes: list[dict]) -> list[str]:
+def _regime_plans(regimes: list[dict]) -> dict[str, str]:
+    """{label: how the runner schedules arms in it}, in load order."""
     from specdrift.config import LoadRegime  # the one definition of a regime's label
 
-    labels = []
+    plans = {}
     for raw in regimes:
         regime = LoadRegime.model_validate(raw)
         for step in regime.steps or [regime]:
-            if step.label not in labels:
-                labels.append(step.label)
-    return labels
+            if step.kind == "sequential":
+                plan = "one request at a time; each prompt to every arm in rotating order, the baseline twice"
+            else:
+                plan = f"arms alternate in blocks of {step.block_seconds:g} s"
+            plans.setdefault(step.label, plan)
+    return plans
 
 
 def _arms(config: dict, records: pd.DataFrame) -> list[Arm]:
@@ -206,8 +212,8 @@ def load_run(run_dir: str | Path) -> RunData:
     records["group"] = records["prompt_id"].map(groups).fillna(records["task"])
     records["stratum"] = records["prompt_id"].map(prompts.set_index("prompt_id")["stratum"]).fillna(records["stratum"])
 
-    regimes = _regime_labels(config.get("regimes") or [])
-    regimes += sorted(set(records["regime"]) - set(regimes))
+    plans = _regime_plans(config.get("regimes") or [])
+    regimes = list(plans) + sorted(set(records["regime"]) - set(plans))
     run_ids = sorted(set(records["run_id"].dropna().astype(str)) - {"none"})
     cost = _read_json(run_dir / "cost.json", {})
     return RunData(
@@ -217,6 +223,7 @@ def load_run(run_dir: str | Path) -> RunData:
         baseline=config.get("baseline_arm") or "baseline",
         arms=_arms(config, records),
         regimes=regimes,
+        regime_plans=plans,
         drafters=_drafters(run_dir, config),
         records=records,
         prompts=prompts,

@@ -140,8 +140,8 @@ def _controls(results: dict) -> list[str]:
     lines = []
     for control in results["controls"]:
         for arm, gains in control["gains"].items():
-            rows = {g: (gains.get(g) or {}).get("tau_gain") or {} for g in (control["task"], control["label"], control["like"])}
-            own, matched, like = (rows[g] for g in (control["task"], control["label"], control["like"]))
+            groups = (control["task"], control["label"], control["like"])
+            own, matched, like = ((gains.get(g) or {}).get("tau_gain") or {} for g in groups)
             values = [r.get("value") for r in (own, matched, like)]
             if None in values:
                 lines.append(f"Length-matched control {control['label']} ({arm}): not enough data.")
@@ -155,7 +155,7 @@ def _controls(results: dict) -> list[str]:
                          + ("length explains the difference." if closer == control["like"] else
                             "domain, not length, explains the difference."))
             else:
-                line += (f"The two tasks' intervals overlap, so the control cannot tell length from domain here.")
+                line += ("The two tasks' intervals overlap, so the control cannot tell length from domain here.")
             lines.append(line)
     return lines
 

@@ -253,7 +253,8 @@ def test_divergence_tables_cover_tasks_drafters_and_datasets(synthetic):
     js = div["matrices"]["prompt"]["js"]
     assert all(js[i][i] == 0 for i in range(3))
     assert js[0][1] == js[1][0] > 0
-    assert div["drafters"]["finetuned"]["gsm8k"]["prompt"]["js"] < div["drafters"]["finetuned"]["nq_open"]["prompt"]["js"]
+    finetuned = div["drafters"]["finetuned"]
+    assert finetuned["gsm8k"]["prompt"]["js"] < finetuned["nq_open"]["prompt"]["js"]
     assert div["datasets"]["tasks"] == ["gsm8k", "nq_open", "xsum"]
     assert div["method"]["js_log_base"] == 2
 

@@ -15,7 +15,6 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 
 RECORD_SCHEMA = [
@@ -90,7 +89,8 @@ def _prompts(rng: np.random.Generator, per_cell: int) -> list[dict]:
                 continue
             for i in range(per_cell):
                 n = int(rng.integers(max(lo, s_lo), min(hi, s_hi)))
-                prompts.append({"id": f"{task}-{s_lo}-{i}", "task": task, "stratum": stratum_label(n), "prompt_tokens": n})
+                prompts.append({"id": f"{task}-{s_lo}-{i}", "task": task, "stratum": stratum_label(n),
+                                "prompt_tokens": n})
     # The control: gsm8k questions drawn to follow xsum's prompt lengths.
     for i in range(per_cell):
         n = int(rng.integers(*TASKS["xsum"]["prompt"]))
