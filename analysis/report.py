@@ -72,6 +72,12 @@ def _speedup_section(results: dict, figures: dict) -> list:
                         "the noise floor.")]
     if "speedup.png" in figures:
         blocks.append(Figure(f"{FIGURES}/speedup.png", figures["speedup.png"]))
+    medians = [[c["arm"], c["regime"], text.num(c["requests"]), text.num(c["latency"]["ttft_s"]),
+                text.num(c["latency"]["tpot_s"] and 1000 * c["latency"]["tpot_s"], 1),
+                text.num(c["latency"]["e2e_s"]), text.num(c["latency"]["completion_tokens"], 0)]
+               for regime in run["regimes"] for c in _cells(results, regime, strata=False) if c["group"] == ALL]
+    blocks.append(Table(["arm", "regime", "ok requests", "median TTFT (s)", "median TPOT (ms)", "median end-to-end (s)",
+                         "median output tokens"], medians, "Raw medians, all tasks (not paired: for scale only)"))
     for regime in run["regimes"]:
         rows = [[c["group"], c["stratum"], c["arm"], text.num(c["speedup"]["tpot"]["n"]),
                  text.ratio(c["speedup"]["tpot"]), text.ratio(c["speedup"]["e2e"]),
