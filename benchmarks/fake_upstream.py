@@ -107,7 +107,9 @@ class FakeUpstream:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
 
         def event(payload) -> None:
-            data = b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+            if not isinstance(payload, bytes):
+                payload = json.dumps(payload, separators=(",", ":")).encode()  # compact, as vLLM writes
+            data = b"data: " + payload + b"\n\n"
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
 
         if chat:

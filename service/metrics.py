@@ -8,6 +8,7 @@ so that each counter equals the sum of its column over the records."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -67,6 +68,7 @@ class GatewayMetrics:
                                              "Records that could not be written to the store.", registry=r)
         for arm in arms:
             self.in_flight.labels(arm)  # exported as 0 before the first request
+        self._children: dict[tuple[str, ...], SimpleNamespace] = {}
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -74,31 +76,40 @@ class GatewayMetrics:
     def observe(self, record: dict[str, Any], labels: tuple[str, str, str], gaps: list[float]) -> None:
         """Count one finished request from its record (`gaps`: its inter-token gaps)."""
         run, task, stratum = labels
-        key = (run, record["arm"], task, stratum)
+        arm = record["arm"]
+        series = self._series(run, arm, task, stratum)
         status = record["status"]
-        self.requests.labels(*key, status).inc()
+        self.requests.labels(run, arm, task, stratum, status).inc()
         kind = UPSTREAM_ERROR_KINDS.get(status)
         if kind:
-            self.upstream_errors.labels(record["arm"], kind).inc()
+            self.upstream_errors.labels(arm, kind).inc()
         if status == "ok":
-            self.duration.labels(*key).observe(record["e2e_s"])
+            series.duration.observe(record["e2e_s"])
             if record["ttft_s"] is not None:
-                self.ttft.labels(*key).observe(record["ttft_s"])
+                series.ttft.observe(record["ttft_s"])
             if record["tpot_s"] is not None:
-                self.tpot.labels(*key).observe(record["tpot_s"])
-            if gaps:
-                itl = self.itl.labels(*key)
-                for gap in gaps:
-                    itl.observe(gap)
+                series.tpot.observe(record["tpot_s"])
+            for gap in gaps:
+                series.itl.observe(gap)
             if record["prompt_tokens"] is not None:
-                self.prompt_tokens.labels(*key).observe(record["prompt_tokens"])
+                series.prompt_tokens.observe(record["prompt_tokens"])
             if record["completion_tokens"] is not None:
-                self.completion_tokens.labels(*key).observe(record["completion_tokens"])
+                series.completion_tokens.observe(record["completion_tokens"])
         if record.get("spec_drafts") is not None:
-            self.drafts.labels(*key).inc(record["spec_drafts"])
-            self.draft_tokens.labels(*key).inc(record["spec_draft_tokens"] or 0)
-            self.accepted_tokens.labels(*key).inc(record["spec_accepted_tokens"] or 0)
+            series.drafts.inc(record["spec_drafts"])
+            series.draft_tokens.inc(record["spec_draft_tokens"] or 0)
+            series.accepted_tokens.inc(record["spec_accepted_tokens"] or 0)
             if record.get("spec_accepted_per_pos"):
                 per_pos = json.loads(record["spec_accepted_per_pos"])[:MAX_POSITIONS]
                 for position, count in enumerate(per_pos):
-                    self.accepted_per_pos.labels(*key, str(position)).inc(count)
+                    self.accepted_per_pos.labels(run, arm, task, stratum, str(position)).inc(count)
+
+    def _series(self, *key: str) -> SimpleNamespace:
+        """The labelled children for one (run, arm, task, stratum), looked up once; the key set is bounded."""
+        series = self._children.get(key)
+        if series is None:
+            series = self._children[key] = SimpleNamespace(**{
+                name: getattr(self, name).labels(*key) for name in (
+                    "duration", "ttft", "tpot", "itl", "prompt_tokens", "completion_tokens", "drafts",
+                    "draft_tokens", "accepted_tokens")})
+        return series

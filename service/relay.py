@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
-import httpx
+import aiohttp
 from starlette.responses import Response
 
 from service.assemble import Assembly
@@ -34,10 +35,13 @@ log = logging.getLogger(__name__)
 UPSTREAM_PATH = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 DONE = b"[DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"
-# Fields the gateway asks the arm for on the client's behalf; removed again
-# unless the client asked for them itself.
-INJECTED_TOP_LEVEL = ("prompt_token_ids", "prompt_text")
-INJECTED_PER_CHOICE = ("token_ids", "prompt_token_ids")
+# Fields the gateway asks the arm for on its own behalf, cut out of each event
+# again unless the client asked for them. Done on the bytes, which is several
+# times cheaper than re-serializing every chunk, and exact: inside a JSON
+# string every quote is escaped, so `, "key":` or `"key":` followed by a value
+# and a comma can only be a key.
+_INJECTED_KEY = rb'"(?:prompt_token_ids|token_ids|prompt_text)"\s*:\s*(?:null|\[[0-9,\s]*\])'
+INJECTED_FIELD = re.compile(rb"\s*,\s*" + _INJECTED_KEY + rb"|" + _INJECTED_KEY + rb"\s*,\s*")
 
 
 class UpstreamFailure(Exception):
@@ -126,41 +130,49 @@ class Relay(Response):
         except UpstreamFailure as failure:
             await self._fail(send, failure)
             return
+        reusable = False
         try:
-            if upstream.status_code != 200:
+            if upstream.status != 200:
                 await self._pass_upstream_error(send, upstream)
                 return
-            failure = await self._pump(send, upstream)
+            chunks = upstream.content.iter_any()
+            failure = await self._pump(send, chunks)
+            if failure is None:
+                # Read the body's end (right behind [DONE]) so the connection can be reused.
+                async for _ in chunks:
+                    pass
+                reusable = True
         finally:
             replica.outstanding -= 1
-            await upstream.aclose()
+            # Closing (rather than releasing) a connection mid-stream is what
+            # tells vLLM to abort the request.
+            upstream.release() if reusable else upstream.close()
         if failure is not None:
             await self._fail(send, failure)
 
-    async def _open(self) -> tuple[Replica, httpx.Response]:
+    async def _open(self) -> tuple[Replica, aiohttp.ClientResponse]:
         """Send the request to the least busy replica; on a refused connection, try the next."""
         gateway, info = self.gateway, self.measurement.info
+        headers = {"content-type": "application/json", "accept-encoding": "identity",
+                   "x-request-id": info.request_id}
         last_error = "no replica"
         for replica in self.arm.by_preference():
             self.payload["model"] = replica.served_model or self.arm.name
-            request = gateway.client.build_request(
-                "POST", replica.url + UPSTREAM_PATH[info.endpoint], content=json.dumps(self.payload).encode(),
-                headers={"content-type": "application/json", "accept-encoding": "identity",
-                         "x-request-id": info.request_id})
             replica.outstanding += 1
             try:
-                response = await gateway.client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:
+                response = await gateway.client.post(replica.url + UPSTREAM_PATH[info.endpoint],
+                                                     data=json.dumps(self.payload).encode(), headers=headers)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as err:
                 replica.outstanding -= 1
                 replica.refused()
                 last_error = f"{replica.url}: {type(err).__name__}: {err}"
                 continue
-            except httpx.TimeoutException as err:
+            except asyncio.TimeoutError as err:
                 replica.outstanding -= 1
                 self.measurement.upstream = replica.url
                 raise UpstreamFailure("upstream_timeout", 504, f"arm {self.arm.name!r} did not answer within "
                                       f"{gateway.settings.read_timeout_s:g}s ({type(err).__name__})") from None
-            except httpx.HTTPError as err:
+            except aiohttp.ClientError as err:
                 replica.outstanding -= 1
                 self.measurement.upstream = replica.url
                 raise UpstreamFailure("upstream_died", 502, f"arm {self.arm.name!r} failed: "
@@ -172,29 +184,37 @@ class Relay(Response):
             return replica, response
         raise UpstreamFailure("upstream_unavailable", 503, f"arm {self.arm.name!r} is unreachable ({last_error})")
 
-    async def _pump(self, send, upstream: httpx.Response) -> UpstreamFailure | None:
+    async def _pump(self, send, chunks) -> UpstreamFailure | None:
         """Relay the arm's events until [DONE]; returns the failure that ended it early, if any."""
         measurement, assembly = self.measurement, self.assembly
         chat = measurement.info.endpoint == "chat"
-        rewrite = not self.client_wants_token_ids or measurement.info.arm != self.payload["model"]
+        forward = self._forwarder()
         buffer = bytearray()
-        arm_error: dict[str, Any] | None = None
         try:
-            async for raw in upstream.aiter_raw():
+            async for raw in chunks:
                 now = time.perf_counter()
                 buffer += raw
                 outgoing = []
+                failure = None
                 for data in split_events(buffer):
                     if data == DONE:
                         return await self._complete(send, outgoing)
                     try:
                         event = json.loads(data)
                     except ValueError:
-                        return UpstreamFailure("upstream_error", 502, f"arm sent an event that is not JSON: {data[:200]!r}")
+                        failure = UpstreamFailure("upstream_error", 502,
+                                                  f"arm sent an event that is not JSON: {data[:200]!r}")
+                        break
                     if not isinstance(event, dict):
                         continue
-                    if "error" in event:
-                        arm_error = event
+                    if "error" in event:  # vLLM's error event; nothing after it counts
+                        error = event["error"]
+                        message = error.get("message") if isinstance(error, dict) else str(error)
+                        failure = UpstreamFailure("upstream_error", 502, f"arm reported an error mid-stream: "
+                                                  f"{message}", client_told=assembly is None)
+                        if assembly is None:
+                            outgoing.append(forward(data))
+                        break
                     choices = event.get("choices")
                     if choices:
                         self._measure(now, choices[0], chat)
@@ -205,19 +225,16 @@ class Relay(Response):
                             measurement.spec = metrics.get("speculative_decoding")
                     if assembly is not None:
                         assembly.add(event)
-                    elif choices or arm_error or (self.client_wants_usage and event.get("usage")):
-                        outgoing.append(self._client_event(event, data, rewrite))
+                    elif choices or (self.client_wants_usage and event.get("usage")):
+                        outgoing.append(forward(data))
                 if outgoing:
                     await self._send_stream(send, b"".join(outgoing))
-                if arm_error is not None:
-                    error = arm_error.get("error")
-                    message = error.get("message") if isinstance(error, dict) else str(error)
-                    return UpstreamFailure("upstream_error", 502, f"arm reported an error mid-stream: {message}",
-                                           client_told=self.started)
-        except httpx.TimeoutException:
+                if failure is not None:
+                    return failure
+        except asyncio.TimeoutError:
             return UpstreamFailure("upstream_timeout", 504, f"arm {self.arm.name!r} sent nothing for "
                                    f"{self.gateway.settings.read_timeout_s:g}s")
-        except httpx.HTTPError as err:
+        except aiohttp.ClientError as err:
             return UpstreamFailure("upstream_died", 502, f"arm {self.arm.name!r} broke the stream: "
                                    f"{type(err).__name__}: {err}")
         return UpstreamFailure("upstream_died", 502, f"arm {self.arm.name!r} ended the stream without [DONE]")
@@ -237,18 +254,21 @@ class Relay(Response):
         if choice.get("finish_reason"):
             self.measurement.finish_reason = choice["finish_reason"]
 
-    def _client_event(self, event: dict[str, Any], data: bytes, rewrite: bool) -> bytes:
-        if not rewrite:
+    def _forwarder(self):
+        """How an arm's event becomes the client's: without the injected fields, under the arm's name."""
+        strip = not self.client_wants_token_ids
+        served = self.payload["model"]
+        renamed = (b'"model":' + json.dumps(served).encode(), b'"model":' + json.dumps(self.arm.name).encode()) \
+            if served != self.arm.name else None
+
+        def forward(data: bytes) -> bytes:
+            if strip:
+                data = INJECTED_FIELD.sub(b"", data)
+            if renamed:
+                data = data.replace(*renamed, 1)
             return b"data: " + data + b"\n\n"
-        if not self.client_wants_token_ids:
-            for key in INJECTED_TOP_LEVEL:
-                event.pop(key, None)
-            for choice in event.get("choices") or ():
-                for key in INJECTED_PER_CHOICE:
-                    choice.pop(key, None)
-        if "model" in event:
-            event["model"] = self.arm.name
-        return sse_data(event)
+
+        return forward
 
     # --- endings -------------------------------------------------------------
     async def _complete(self, send, outgoing: list[bytes]) -> None:
@@ -272,18 +292,18 @@ class Relay(Response):
             await self._send_whole(send, failure.http_status,
                                    error_body(failure.http_status, failure.message, failure.status), upstream=True)
 
-    async def _pass_upstream_error(self, send, upstream: httpx.Response) -> None:
+    async def _pass_upstream_error(self, send, upstream: aiohttp.ClientResponse) -> None:
         """The arm refused the request (e.g. a prompt too long): pass its answer on."""
-        body = await upstream.aread()
+        body = await upstream.read()
         try:
             parsed = json.loads(body)
             message = str(parsed["error"]["message"])
         except (ValueError, KeyError, TypeError):
-            message = body[:500].decode(errors="replace") or f"HTTP {upstream.status_code}"
-            body = error_body(upstream.status_code, message, "upstream_error")
-        record = self.measurement.record("upstream_error", upstream.status_code, message)
+            message = body[:500].decode(errors="replace") or f"HTTP {upstream.status}"
+            body = error_body(upstream.status, message, "upstream_error")
+        record = self.measurement.record("upstream_error", upstream.status, message)
         await self._commit(record)
-        await self._send_whole(send, upstream.status_code, body, upstream=True)
+        await self._send_whole(send, upstream.status, body, upstream=True)
 
     def _finish_cancelled(self) -> None:
         """Record a request cut short by the client leaving or the gateway stopping."""

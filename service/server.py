@@ -17,7 +17,6 @@ def run(settings: GatewaySettings) -> None:
 
     from service.app import create_app
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
                 access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s, log_level="info")
 

@@ -11,7 +11,7 @@ import pytest
 
 from service.assemble import Assembly
 from service.measure import Measurement, RequestInfo, accepted_per_position, output_hash, percentile
-from service.relay import split_events
+from service.relay import INJECTED_FIELD, split_events
 from service.schemas import request_models
 from service.settings import GatewaySettings
 from service.tags import LabelMapper, TagError, Tags, Vocabulary, parse_tags
@@ -29,6 +29,28 @@ def test_split_events_keeps_partial_events_for_the_next_read():
 def test_split_events_handles_crlf_comments_and_multiline_data():
     buffer = bytearray(b": keep-alive\r\n\r\nevent: x\r\ndata: {\"a\":\r\ndata: 1}\r\n\r\n")
     assert split_events(buffer) == [b'{"a":\n1}']
+
+
+@pytest.mark.parametrize("event", [
+    # vLLM's completion and chat chunks, as it writes them (no spaces)
+    b'{"id":"x","choices":[{"index":0,"text":" is","logprobs":null,"finish_reason":null,'
+    b'"prompt_token_ids":[48010,42],"token_ids":[314]}]}',
+    b'{"id":"c","choices":[{"index":0,"delta":{"content":""},"finish_reason":null}],'
+    b'"prompt_token_ids":[1,9690],"prompt_text":null}',
+    # spaced JSON, an injected key first, and text that quotes the key
+    b'{"token_ids": [1, 2], "index": 0, "text": "a \\", \\"token_ids\\": [5] b"}',
+])
+def test_injected_fields_are_cut_from_the_bytes_and_nothing_else(event):
+    stripped = json.loads(INJECTED_FIELD.sub(b"", event))
+    original = json.loads(event)
+
+    def without_injected(value):
+        if isinstance(value, dict):
+            return {k: without_injected(v) for k, v in value.items()
+                    if k not in ("token_ids", "prompt_token_ids", "prompt_text")}
+        return [without_injected(v) for v in value] if isinstance(value, list) else value
+
+    assert stripped == without_injected(original)
 
 
 @pytest.mark.parametrize("values", [[0.5], [0.1, 0.3], [3.0, 1.0, 2.0, 10.0, 0.2]])
