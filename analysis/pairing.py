@@ -6,6 +6,10 @@ started nearest in time (so slow drift of the machine cancels in the ratio).
 A prompt that an arm answered more than once contributes the mean of its log
 ratios, so each prompt counts once. The baseline against itself pairs each
 prompt's second baseline request with its first.
+
+Under load the runner alternates arms in time blocks while cycling through
+the prompts, so two arms may share few prompts; `prompt_logs` gives the
+per-prompt units for an unpaired comparison then.
 """
 
 from __future__ import annotations
@@ -57,6 +61,15 @@ def speed_units(pairs: pd.DataFrame) -> pd.DataFrame:
         "comparable": grouped["comparable"].first(),
         "identical": grouped["identical"].first(),
     }).reset_index()
+
+
+def prompt_logs(ok: pd.DataFrame, arm: str) -> pd.DataFrame:
+    """Per prompt an arm answered: the mean log TPOT and log end-to-end time
+    (the units of an unpaired comparison)."""
+    rows = ok[ok["arm"] == arm]
+    frame = rows[KEY].assign(log_tpot=np.log(rows["tpot_s"].where(rows["tpot_s"] > 0)),
+                             log_e2e=np.log(rows["e2e_s"].where(rows["e2e_s"] > 0)))
+    return frame.groupby(KEY, sort=True)[["log_tpot", "log_e2e"]].mean().reset_index()
 
 
 def acceptance_units(ok: pd.DataFrame, arm: str) -> pd.DataFrame:

@@ -62,6 +62,13 @@ def _run_section(results: dict) -> list:
     return blocks
 
 
+def _pairing(speedup: dict) -> str:
+    tpot = speedup["tpot"]
+    if speedup["paired"]:
+        return f"{tpot['n']} paired"
+    return f"{tpot['n']} vs {tpot['n_reference']} unpaired"
+
+
 def _speedup_section(results: dict, figures: dict) -> list:
     run = results["run"]
     blocks = [Heading(2, "Speed-up against the baseline, paired by prompt"),
@@ -69,7 +76,9 @@ def _speedup_section(results: dict, figures: dict) -> list:
                         "prompts of baseline/arm, for TPOT (time per output token after the first) and for "
                         "end-to-end time; > 1 means the arm is faster. Intervals: 95% bootstrap (expanded "
                         "percentile) over prompts. The baseline's own row is its second run over its first: "
-                        "the noise floor.")]
+                        "the noise floor. Where too few prompts were answered by both arms (under load the runner "
+                        "alternates arms in time blocks over different prompts), the row is 'unpaired': the ratio "
+                        "of geometric means within each (task, stratum), weighted by the arm's prompts.")]
     if "speedup.png" in figures:
         blocks.append(Figure(f"{FIGURES}/speedup.png", figures["speedup.png"]))
     medians = [[c["arm"], c["regime"], text.num(c["requests"]), text.num(c["latency"]["ttft_s"]),
@@ -79,11 +88,10 @@ def _speedup_section(results: dict, figures: dict) -> list:
     blocks.append(Table(["arm", "regime", "ok requests", "median TTFT (s)", "median TPOT (ms)", "median end-to-end (s)",
                          "median output tokens"], medians, "Raw medians, all tasks (not paired: for scale only)"))
     for regime in run["regimes"]:
-        rows = [[c["group"], c["stratum"], c["arm"], text.num(c["speedup"]["tpot"]["n"]),
-                 text.ratio(c["speedup"]["tpot"]), text.ratio(c["speedup"]["e2e"]),
-                 text.num(c["speedup"]["median_gap_s"], 2)]
+        rows = [[c["group"], c["stratum"], c["arm"], _pairing(c["speedup"]), text.ratio(c["speedup"]["tpot"]),
+                 text.ratio(c["speedup"]["e2e"]), text.num(c["speedup"]["median_gap_s"], 2)]
                 for c in _cells(results, regime, strata=regime == run["primary_regime"])]
-        blocks.append(Table(["task", "stratum", "arm", "prompts", "TPOT speed-up [95% CI]",
+        blocks.append(Table(["task", "stratum", "arm", "prompts (pairing)", "TPOT speed-up [95% CI]",
                              "end-to-end speed-up [95% CI]", "median pair gap (s)"], rows, f"Regime: {regime}"))
     return blocks
 
@@ -308,7 +316,8 @@ def _load_section(results: dict, figures: dict) -> list:
                  "above": "above 1× throughout", "below": "below 1× throughout", "at": "at 1×",
                  "no data": "no data"}[curve["status"]]
         for p in curve["points"]:
-            rows.append([arm, p["regime"], text.ratio(p["tpot"]), text.ratio(p["e2e"]), where])
+            rows.append([arm, p["regime"], text.ratio(p["tpot"]) + ("" if p["paired"] else " (unpaired)"),
+                         text.ratio(p["e2e"]), where])
     if len(results["run"]["regimes"]) < 2:
         blocks.append(Paragraph("Only one load regime was measured; add concurrency or Poisson regimes to see "
                                 "where speculation stops paying off."))

@@ -15,7 +15,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from analysis import acceptance, divergence, stats
-from analysis.pairing import acceptance_units, paired_requests, position_counts, speed_units
+from analysis.pairing import acceptance_units, paired_requests, position_counts, prompt_logs, speed_units
 from analysis.rundir import RunData
 
 SCHEMA_VERSION = 1
@@ -82,6 +82,26 @@ def _acceptance(units: pd.DataFrame, k: int | None, seed: int) -> dict:
     return summary
 
 
+def _speedup(units: pd.DataFrame, arm_logs: pd.DataFrame, base_logs: pd.DataFrame | None, key) -> dict:
+    """Paired by prompt when at least half the arm's prompts (and MIN_UNITS_FOR_CI)
+    have a baseline partner; otherwise the unpaired ratio of geometric means,
+    compared within (task, stratum) cells."""
+    paired = units["log_tpot"].notna().sum()
+    answered = arm_logs["log_tpot"].notna().sum()
+    if base_logs is None or paired == answered or paired >= max(stats.MIN_UNITS_FOR_CI, answered / 2):
+        return {"paired": True, **{
+            metric: stats.geometric_mean(units[f"log_{metric}"].dropna(), stats.seed_for(metric, *key))
+            for metric in ("tpot", "e2e")}}
+    cells = sorted(set(zip(arm_logs["group"], arm_logs["stratum"])))
+
+    def strata(metric):
+        return [(_select(base_logs, None, g, s)[f"log_{metric}"].dropna().to_numpy(),
+                 _select(arm_logs, None, g, s)[f"log_{metric}"].dropna().to_numpy()) for g, s in cells]
+
+    return {"paired": False, **{metric: stats.unpaired_ratio(strata(metric), stats.seed_for(metric, "unpaired", *key))
+                                for metric in ("tpot", "e2e")}}
+
+
 def _latency(records: pd.DataFrame) -> dict:
     def median(column):
         values = records[column].dropna()
@@ -91,7 +111,8 @@ def _latency(records: pd.DataFrame) -> dict:
             "completion_tokens": median("completion_tokens")}
 
 
-def _cells(run: RunData, regimes: list[str], speed: dict, accept: dict, records: pd.DataFrame) -> list[dict]:
+def _cells(run: RunData, regimes: list[str], speed: dict, logs: dict, accept: dict,
+           records: pd.DataFrame) -> list[dict]:
     baseline_units = speed.get(run.baseline)
     cells = []
     for regime in regimes:
@@ -103,14 +124,15 @@ def _cells(run: RunData, regimes: list[str], speed: dict, accept: dict, records:
                     continue
                 key = (arm.name, regime, group, stratum)
                 units = _select(speed[arm.name], regime, group, stratum)
+                base_logs = None if arm.name == run.baseline or run.baseline not in logs else \
+                    _select(logs[run.baseline], regime, group, stratum)
                 cell = {
                     "arm": arm.name, "regime": regime, "group": group, "stratum": stratum,
                     "prompts": int(mine["prompt_id"].nunique()), "requests": len(mine),
                     "latency": _latency(mine),
                     "speedup": {
                         "reference": "baseline, repeat vs first" if arm.name == run.baseline else run.baseline,
-                        "tpot": stats.geometric_mean(units["log_tpot"].dropna(), stats.seed_for("tpot", *key)),
-                        "e2e": stats.geometric_mean(units["log_e2e"].dropna(), stats.seed_for("e2e", *key)),
+                        **_speedup(units, _select(logs[arm.name], regime, group, stratum), base_logs, key),
                         "median_gap_s": float(units["gap_s"].median()) if len(units) else None,
                     },
                     "lossless": _share(units),
@@ -373,7 +395,8 @@ def _load_curve(run: RunData, cells: list[dict], regimes: list[str]) -> dict:
         for regime in regimes:
             cell = find_cell(cells, arm.name, regime)
             if cell and cell["speedup"]["tpot"]["value"] is not None:
-                points.append({"regime": regime, "tpot": cell["speedup"]["tpot"], "e2e": cell["speedup"]["e2e"]})
+                points.append({"regime": regime, "paired": cell["speedup"]["paired"],
+                               "tpot": cell["speedup"]["tpot"], "e2e": cell["speedup"]["e2e"]})
         values = [p["tpot"]["value"] for p in points]
         crossing = next(([a["regime"], b["regime"]] for a, b in zip(points, points[1:])
                          if (a["tpot"]["value"] - 1) * (b["tpot"]["value"] - 1) < 0), None)
@@ -463,8 +486,9 @@ def compute_results(run: RunData) -> dict:
     answered = set(ok["arm"])
     speed = {a.name: _label(speed_units(paired_requests(ok, a.name, run.baseline)), run)
              for a in run.arms if a.name in answered}
+    logs = {a.name: _label(prompt_logs(ok, a.name), run) for a in run.arms if a.name in answered}
     accept = {a.name: _label(acceptance_units(ok, a.name), run) for a in run.speculative_arms if a.name in answered}
-    cells = _cells(run, regimes, speed, accept, records)
+    cells = _cells(run, regimes, speed, logs, accept, records)
     cost = _cost(run, cells, primary)
     _add_model(run, cells, cost)
 
@@ -493,7 +517,11 @@ def compute_results(run: RunData) -> dict:
                           "min_units_for_ci": stats.MIN_UNITS_FOR_CI, "small_sample": stats.SMALL_SAMPLE},
             "pairing": "each request is paired with the reference arm's request for the same prompt in the same "
                        "regime that started nearest in time; per prompt the log ratios are averaged",
-            "speedup": "geometric mean over prompts of reference/arm (TPOT, end-to-end time); > 1 = arm faster",
+            "speedup": "geometric mean over prompts of reference/arm (TPOT, end-to-end time); > 1 = arm faster. "
+                       "Paired by prompt when at least half of the arm's prompts (and 3) have a partner; otherwise "
+                       "(under load, arms alternate in time blocks over different prompts) the unpaired ratio of "
+                       "geometric means, taken within each (task, stratum) and weighted by the arm's prompts, with a "
+                       "bootstrap of each side (paired: false)",
             "alpha": "Leviathan alpha: maximum-likelihood per-token acceptance from the per-position counts "
                      "(accepted positions / positions tried); alpha_from_tau solves tau = (1-a^(K+1))/(1-a)",
             "headline_divergence": {"measure": HEADLINE[0], "length": HEADLINE[1]},

@@ -68,6 +68,34 @@ def geometric_mean(log_values, seed: int) -> dict:
     }
 
 
+def unpaired_ratio(strata: list[tuple[np.ndarray, np.ndarray]], seed: int) -> dict:
+    """exp of the weighted mean, over strata, of mean(reference logs) -
+    mean(arm logs), for when two arms did not answer the same prompts.
+
+    Comparing within strata (task and length stratum) keeps a different task
+    mix between the two arms out of the ratio; each stratum weighs by its
+    number of arm prompts, and a stratum that lacks either side is left out.
+    The bootstrap resamples each side of each stratum on its own.
+    """
+    strata = [(np.asarray(r, dtype=float), np.asarray(a, dtype=float)) for r, a in strata]
+    strata = [(r, a) for r, a in strata if r.size and a.size]
+    n_ref, n_arm = sum(r.size for r, _ in strata), sum(a.size for _, a in strata)
+    result = {"n": n_arm, "n_reference": n_ref, "value": None, "ci": None}
+    if not strata:
+        return result
+    weights = np.array([a.size for _, a in strata], dtype=float) / n_arm
+    result["value"] = math.exp(sum(w * (r.mean() - a.mean()) for w, (r, a) in zip(weights, strata)))
+    if min(n_ref, n_arm) >= MIN_UNITS_FOR_CI:
+        rng = np.random.default_rng(seed)
+        diffs = sum(w * (r[rng.integers(0, r.size, (RESAMPLES, r.size))].mean(axis=1)
+                         - a[rng.integers(0, a.size, (RESAMPLES, a.size))].mean(axis=1))
+                    for w, (r, a) in zip(weights, strata))
+        tail = expanded_tail(min(n_ref, n_arm))
+        lo, hi = np.quantile(diffs, [tail, 1 - tail])
+        result["ci"] = [math.exp(lo), math.exp(hi)]
+    return result
+
+
 def wilson_interval(successes: int, trials: int, level: float = LEVEL) -> list[float] | None:
     """Wilson score interval of a binomial share (honest at small n and at 0 or 1)."""
     if trials == 0:

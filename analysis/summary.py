@@ -41,7 +41,8 @@ def _arms(results: dict) -> list[str]:
         if cell is None:
             continue
         speed, e2e = cell["speedup"]["tpot"], cell["speedup"]["e2e"]
-        line = (f"{name} ({arm['method']}, {primary}): TPOT speed-up {text.ratio(speed)}, "
+        pairing = "" if cell["speedup"]["paired"] else " (unpaired: few prompts in common with the baseline)"
+        line = (f"{name} ({arm['method']}, {primary}): TPOT speed-up{pairing} {text.ratio(speed)}, "
                 f"{_verdict(speed, 'the baseline')}; end-to-end {text.ratio(e2e)}.")
         accepted = cell.get("acceptance") or {}
         if accepted.get("tau") is not None:

@@ -180,6 +180,7 @@ def write_synthetic_run(run_dir: Path, *, seed: int = 0, per_cell: int = 6,
     (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(_config(list(arms), list(regimes), dtype)))
     (run_dir / "environment.json").write_text(json.dumps({"python": "3.11", "cpu": {"model": "synthetic", "cores": 2}}))
     prompts = _prompts(rng, per_cell)
+    rng.shuffle(prompts)  # as the workload does: a sequential replay interleaves the tasks
     with (run_dir / "workload.jsonl").open("w") as f:
         for p in prompts:
             row = {"dataset": _source(p["task"]), "messages": [{"role": "user", "content": f"prompt {p['id']}"}],
@@ -222,11 +223,9 @@ def write_synthetic_run(run_dir: Path, *, seed: int = 0, per_cell: int = 6,
                 for arm in rotated:
                     send(arm, prompt, regime)
                 send("baseline", prompt, regime)
-        else:
-            for start in range(0, len(prompts), 8):  # short alternating blocks per arm
-                for arm in order:
-                    for prompt in prompts[start:start + 8]:
-                        send(arm, prompt, regime)
+        else:  # as loadgen/shapes.py: arms alternate in blocks while one cursor cycles through the prompts
+            for i in range(2 * len(prompts)):
+                send(order[(i // 8) % len(order)], prompts[i % len(prompts)], regime)
 
     if shuffle_rows:
         rng.shuffle(records)

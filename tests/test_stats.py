@@ -61,6 +61,19 @@ def test_expanded_tail_hand_computed():
     assert stats.expanded_tail(100_000) == pytest.approx(0.025, abs=1e-4)  # large n: plain percentile
 
 
+def test_unpaired_ratio_compares_within_strata():
+    """Stratum 1: reference 2, 2 against arm 1 (weight 1/3); stratum 2:
+    reference 4 against arm 1, 1 (weight 2/3); a stratum without reference is
+    left out. exp(1/3 ln 2 + 2/3 ln 4) = 2^(5/3)."""
+    log = np.log
+    result = stats.unpaired_ratio([(log([2.0, 2.0]), log([1.0])), (log([4.0]), log([1.0, 1.0])),
+                                   (np.array([]), log([9.0]))], seed=0)
+    assert result["value"] == pytest.approx(2 ** (5 / 3))
+    assert (result["n"], result["n_reference"]) == (3, 3)
+    assert result["ci"] == pytest.approx([2 ** (5 / 3), 2 ** (5 / 3)])  # no spread within strata
+    assert stats.unpaired_ratio([(np.array([]), log([1.0]))], seed=0)["value"] is None
+
+
 def test_wilson_interval_matches_the_textbook_value():
     # 8 successes in 10: Wilson 95% interval (0.4902, 0.9433).
     lo, hi = stats.wilson_interval(8, 10)
