@@ -506,8 +506,8 @@ def compute_results(run: RunData) -> dict:
                 "arms": [{"name": a.name, "method": a.method, "num_speculative_tokens": a.num_speculative_tokens,
                           "drafter": a.drafter} for a in run.arms],
                 "regimes": regimes, "primary_regime": primary,
-                "regime_plans": {r: run.regime_plans.get(r, "not in the config") for r in regimes}, "target_dtype": run.target_dtype,
-                "temperature": run.temperature,
+                "regime_plans": {r: run.regime_plans.get(r, "not in the config") for r in regimes},
+                "target_dtype": run.target_dtype, "temperature": run.temperature,
                 "drafters": {n: {"init": d.init, "tasks": d.tasks} for n, d in run.drafters.items()},
                 "duration_s": float(run.records["t_end"].max() - t0) if len(run.records) else None},
         "methods": {

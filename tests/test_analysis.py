@@ -294,8 +294,8 @@ def test_an_arm_that_died_mid_run(tmp_path):
     assert coverage["prompts_ok"] == 12 and coverage["baseline_prompts_without_answer"] > 0
     assert any("gave up on arm finetuned" in line for line in results["summary"])
     con = sqlite3.connect(run_dir / "records.sqlite")
-    (answered,) = con.execute("SELECT COUNT(DISTINCT prompt_id) FROM requests WHERE arm = 'finetuned' AND status = 'ok' "
-                              "AND regime = 'sequential' AND task NOT LIKE '%-like-%'").fetchone()
+    (answered,) = con.execute("SELECT COUNT(DISTINCT prompt_id) FROM requests WHERE arm = 'finetuned' "
+                              "AND status = 'ok' AND regime = 'sequential' AND task NOT LIKE '%-like-%'").fetchone()
     con.close()
     assert find_cell(results["cells"], "finetuned", "sequential")["prompts"] == answered
     assert "finetuned" in (run_dir / "report.md").read_text()
