@@ -161,12 +161,16 @@ def _regime_plans(regimes: list[dict]) -> dict[str, str]:
     plans = {}
     for raw in regimes:
         regime = LoadRegime.model_validate(raw)
-        for step in regime.steps or [regime]:
+        steps = regime.steps or [regime]
+        for step in steps:
+            # The records' label, as loadgen/shapes.py's Scheduler.regime_of writes it.
+            label = f"{regime.label}.{step.label}" if len(steps) > 1 else regime.label
             if step.kind == "sequential":
-                plan = "one request at a time; each prompt to every arm in rotating order, the baseline twice"
+                plan = "one request at a time; each prompt to every arm in rotating order"
+                plan += ", the baseline twice" if regime.kind == "sequential" else ""
             else:
-                plan = f"arms alternate in blocks of {step.block_seconds:g} s"
-            plans.setdefault(step.label, plan)
+                plan = f"arms alternate in blocks of {regime.block_seconds:g} s while the prompts cycle"
+            plans.setdefault(label, plan)
     return plans
 
 
