@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.settings import GatewaySettings, settings_from_config
+from service.settings import settings_from_config
 from specdrift.config import ExperimentConfig
 from specdrift.processes import ProcessStack, StartupError, free_port, port_in_use, start_child, wait_healthy
 

@@ -78,7 +78,7 @@ def split_events(buffer: bytearray) -> list[bytes]:
 class Relay(Response):
     """The route's response; FastAPI calls it as an ASGI app."""
 
-    def __init__(self, gateway: "Gateway", arm: Arm, measurement: Measurement, payload: dict[str, Any],
+    def __init__(self, gateway: Gateway, arm: Arm, measurement: Measurement, payload: dict[str, Any],
                  client_wants_usage: bool, client_wants_token_ids: bool):
         self.background = None  # what FastAPI expects of a Response
         self.gateway = gateway
