@@ -1,10 +1,19 @@
 """Acceptance statistics and the analytic model of Leviathan et al. (2023).
 
 Definitions (counts summed over the requests of a cell):
-  D = drafts (vLLM num_spec_steps), T = drafted tokens, A = accepted tokens,
-  a_i = drafts whose position i (0-based) was accepted.
+  D = drafts (vLLM num_spec_steps: decode steps that carried a draft),
+  T = drafted tokens, A = accepted tokens, a_i = drafts whose position i
+  (0-based) was accepted, N = decode tokens (output tokens after the first)
+  and S = N - A decode steps (each emits one target token plus its accepted
+  drafts).
 
-  tau            = 1 + A / D       mean tokens emitted per target step
+  tau            = 1 + A / D       vLLM's mean acceptance length: tokens per
+                                   step that carried a draft
+  tokens_per_step = N / S          tokens per decode step, drafted or not; it
+                                   is what TPOT divides (TPOT = step time / it)
+  drafting_share f = D / S         steps that carried a draft (about 1 for a
+                                   draft model; n-gram lookup drafts only when
+                                   the context repeats)
   vllm_rate      = A / T           vLLM's "draft acceptance rate": every drafted
                                    position counts, also those after the first
                                    rejection, so with per-token agreement p and
@@ -18,11 +27,14 @@ Definitions (counts summed over the requests of a cell):
                                    counts (successes over positions tried)
   alpha_from_tau = the alpha with (1 - alpha^(K+1)) / (1 - alpha) = tau
 
-The analytic model takes alpha, gamma = K drafted tokens per step and c = the
-draft/target step-cost ratio:
-  expected tokens per step  E = (1 - alpha^(gamma+1)) / (1 - alpha)
-  expected speed-up         E / (gamma * c + 1)
+The analytic model takes alpha, gamma = K, and c = the draft/target cost ratio
+per drafted token:
+  expected tokens per drafting step  E = (1 - alpha^(gamma+1)) / (1 - alpha)
+  expected speed-up                  E / (gamma * c + 1)
 so acceptance (E) and cost (1 / (gamma c + 1)) enter as separate factors.
+Where not every step drafts (f < 1) the same model, step by step, gives
+  (f E + 1 - f) / (g c + 1),   g = T / S drafted tokens per decode step,
+which is Leviathan's formula at f = 1, g = gamma.
 """
 
 from __future__ import annotations
@@ -37,8 +49,12 @@ def expected_tokens_per_step(alpha: float, gamma: int) -> float:
     return (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
-def leviathan_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
-    return expected_tokens_per_step(alpha, gamma) / (gamma * cost_ratio + 1)
+def leviathan_speedup(alpha: float, gamma: int, cost_ratio: float, drafting_share: float = 1.0,
+                      drafted_per_step: float | None = None) -> float:
+    """Expected speed-up; with the defaults, Leviathan et al.'s formula."""
+    drafted = gamma * drafting_share if drafted_per_step is None else drafted_per_step
+    tokens = drafting_share * expected_tokens_per_step(alpha, gamma) + 1 - drafting_share
+    return tokens / (drafted * cost_ratio + 1)
 
 
 def alpha_from_tau(tau: float, k: int) -> float:
@@ -50,17 +66,22 @@ def alpha_from_tau(tau: float, k: int) -> float:
     return float(brentq(lambda a: expected_tokens_per_step(a, k) - tau, 0.0, 1.0, xtol=1e-12))
 
 
-def cost_ratio_from_speedup(tau: float, speedup: float, gamma: int) -> float:
-    """c from TPOT_spec = TPOT_base (gamma c + 1) / tau, i.e. speedup = tau / (gamma c + 1)."""
-    return (tau / speedup - 1) / gamma
+def cost_ratio_from_speedup(tokens_per_step: float, speedup: float, drafted_per_step: float) -> float:
+    """c from TPOT_spec = TPOT_base (g c + 1) / tokens_per_step, i.e.
+    speedup = tokens_per_step / (g c + 1), g = drafted tokens per decode step."""
+    return (tokens_per_step / speedup - 1) / drafted_per_step
 
 
-def summarize(drafts: float, draft_tokens: float, accepted: float, per_position, k: int | None) -> dict:
+def summarize(drafts: float, draft_tokens: float, accepted: float, per_position, k: int | None,
+              decode_tokens: float = 0, decode_steps: float = 0) -> dict:
     """Acceptance figures for one cell; None where a count needed is zero or missing."""
     per_position = np.asarray(per_position, dtype=float)
     result = {
         "drafts": int(drafts), "draft_tokens": int(draft_tokens), "accepted_tokens": int(accepted),
         "tau": None, "vllm_rate": None, "mean_draft_length": None,
+        "tokens_per_step": decode_tokens / decode_steps if decode_steps > 0 else None,
+        "drafting_share": min(1.0, drafts / decode_steps) if decode_steps > 0 else None,
+        "drafted_per_step": draft_tokens / decode_steps if decode_steps > 0 else None,
         "position_rate": [], "conditional": [], "alpha": None, "alpha_from_tau": None,
     }
     if drafts <= 0:

@@ -74,16 +74,27 @@ def prompt_logs(ok: pd.DataFrame, arm: str) -> pd.DataFrame:
 
 def acceptance_units(ok: pd.DataFrame, arm: str) -> pd.DataFrame:
     """Per prompt: summed drafts, drafted and accepted tokens, per-position
-    accepted counts (an array), and how many requests carried spec metrics."""
+    accepted counts, how many requests carried spec metrics, and the decode
+    tokens and steps of those requests.
+
+    Decode tokens are the output tokens after the first (which the prefill
+    produces), the tokens TPOT is measured over; every decode step emits one
+    target token plus the drafts it accepted, so steps = tokens - accepted."""
     rows = ok[ok["arm"] == arm]
+    with_metrics = rows["spec_drafts"].notna() & rows["completion_tokens"].notna()
+    decode_tokens = (rows["completion_tokens"] - 1).clip(lower=0).where(with_metrics, 0)
+    accepted = rows["spec_accepted_tokens"].fillna(0)
     width = max((len(v) for v in rows["accepted_per_pos"]), default=0)
     padded = np.array([v + [0] * (width - len(v)) for v in rows["accepted_per_pos"]], dtype=float).reshape(-1, width)
     frame = pd.DataFrame({
         "regime": rows["regime"].to_numpy(), "prompt_id": rows["prompt_id"].to_numpy(),
         "drafts": rows["spec_drafts"].fillna(0).to_numpy(),
         "draft_tokens": rows["spec_draft_tokens"].fillna(0).to_numpy(),
-        "accepted": rows["spec_accepted_tokens"].fillna(0).to_numpy(),
-        "with_metrics": rows["spec_drafts"].notna().to_numpy(),
+        "accepted": accepted.to_numpy(),
+        "with_metrics": with_metrics.to_numpy(),
+        "decode_tokens": decode_tokens.to_numpy(),
+        # At least one step per drafted request: vLLM may count drafts accepted past max_tokens.
+        "decode_steps": (decode_tokens - accepted).clip(lower=1).where(with_metrics, 0).to_numpy(),
     })
     for i in range(width):
         frame[f"pos{i}"] = padded[:, i]

@@ -104,11 +104,15 @@ def _acceptance_section(results: dict, figures: dict) -> list:
         if not a:
             continue
         rows.append([c["group"], c["stratum"], c["arm"], text.num(a["drafts"]),
-                     text.with_ci(a["tau"], a["tau_ci"]), text.num(a["alpha"]), text.num(a["alpha_from_tau"]),
+                     text.with_ci(a["tau"], a["tau_ci"]), text.num(a["tokens_per_step"]),
+                     text.num(a["drafting_share"]), text.num(a["alpha"]), text.num(a["alpha_from_tau"]),
                      text.num(a["vllm_rate"]), " / ".join(text.num(r) for r in a["position_rate"]) or text.DASH,
                      " / ".join(text.num(r) for r in a["conditional"]) or text.DASH])
     blocks = [Heading(2, "Acceptance"),
-              Paragraph("τ = 1 + accepted/drafts (tokens per target step). α (Leviathan's per-token acceptance) is "
+              Paragraph("τ = 1 + accepted/drafts (vLLM's mean acceptance length: tokens per step that carried a "
+                        "draft). Tokens per decode step counts every step, drafted or not (output tokens after the "
+                        "first over decode steps); TPOT is the step time divided by it. Drafting share: steps that "
+                        "carried a draft. α (Leviathan's per-token acceptance) is "
                         "shown from the per-position counts: accepted positions over positions tried; α from τ "
                         "solves τ = (1−α^(K+1))/(1−α) and agrees when acceptance is geometric. vLLM's rate is "
                         "accepted/drafted tokens and counts positions after the first rejection, so it is lower "
@@ -118,7 +122,8 @@ def _acceptance_section(results: dict, figures: dict) -> list:
     if "acceptance_per_position.png" in figures:
         blocks.append(Figure(f"{FIGURES}/acceptance_per_position.png", figures["acceptance_per_position.png"]))
     if rows:
-        blocks.append(Table(["task", "stratum", "arm", "drafts", "τ [95% CI]", "α (per-position)", "α from τ",
+        blocks.append(Table(["task", "stratum", "arm", "drafts", "τ [95% CI]", "tokens/decode step",
+                             "drafting share", "α (per-position)", "α from τ",
                              "vLLM rate", "per-position rate", "conditional"], rows,
                             f"Regime: {run['primary_regime']}"))
     return blocks
@@ -133,19 +138,23 @@ def _model_section(results: dict) -> list:
         m = c.get("model")
         if m:
             rows.append([c["group"], c["stratum"], c["arm"], text.num(m["alpha"]), text.num(m["gamma"]),
-                         text.num(m["c"]), text.num(m["expected_tokens_per_step"]), text.num(m["cost_factor"]),
-                         text.num(m["predicted_speedup"], 2), text.num(m["predicted_speedup_from_tau"], 2),
-                         text.num(m["measured_speedup"], 2)])
+                         text.num(m["drafting_share"]), text.num(m["c"]), text.num(m["expected_tokens_per_step"]),
+                         text.num(m["cost_factor"]), text.num(m["predicted_speedup"], 2),
+                         text.num(m["predicted_speedup_from_measured_tokens"], 2), text.num(m["measured_speedup"], 2)])
     blocks = [Heading(2, "The analytic model (Leviathan et al. 2023)"),
-              Paragraph("Expected tokens per step E = (1−α^(γ+1))/(1−α) is the acceptance factor; 1/(γc+1) is the "
-                        "cost factor, with c the draft/target step-cost ratio; predicted speed-up = E/(γc+1). "
-                        "'From τ' puts the measured τ in place of E. The model assumes that verifying γ+1 tokens "
-                        "costs one target step; on a CPU it costs more, which a measured c does not include."),
+              Paragraph("Expected tokens per drafting step E = (1−α^(γ+1))/(1−α) is the acceptance factor and "
+                        "1/(γc+1) the cost factor, with c the draft/target cost ratio per drafted token: predicted "
+                        "speed-up E/(γc+1). Where only a share f of decode steps carries a draft (n-gram lookup "
+                        "drafts only on a match) the same model gives (fE + 1 − f)/(gc + 1), g = drafted tokens per "
+                        "decode step; at f = 1 it is Leviathan's formula. 'From measured tokens' puts the measured "
+                        "tokens per decode step in place of the model's. The model assumes that verifying γ+1 "
+                        "tokens costs one target step; on a CPU it costs more, which a c measured from the "
+                        "drafter alone does not include."),
               Table(["arm", "c", "source", "how c was obtained", "draft step (s)", "target step (s)"], cost_rows,
                     "Cost ratio c per arm")]
     if rows:
-        blocks.append(Table(["task", "stratum", "arm", "α", "γ", "c", "E tokens/step", "cost factor",
-                             "predicted ×", "predicted × (from τ)", "measured ×"], rows,
+        blocks.append(Table(["task", "stratum", "arm", "α", "γ", "f", "c", "tokens/step (model)", "cost factor",
+                             "predicted ×", "predicted × (from measured tokens)", "measured ×"], rows,
                             f"Predicted against measured TPOT speed-up, regime {run['primary_regime']}"))
     return blocks
 
@@ -328,14 +337,14 @@ def _load_section(results: dict, figures: dict) -> list:
 def _drift_section(results: dict, figures: dict) -> list:
     blocks = [Heading(2, "Drift over time"),
               Paragraph("These machines drift; each arm's TPOT trend is a Theil–Sen slope of log TPOT on time, "
-                        "written as % per 10 minutes with its 95% interval. TPOT also depends on the prompt, so a "
+                        "written as the % change it implies over the regime's span, with its 95% interval. TPOT also depends on the prompt, so a "
                         "trend is only evidence of drift when prompts are spread evenly over time.")]
     if "drift.png" in figures:
         blocks.append(Figure(f"{FIGURES}/drift.png", figures["drift.png"]))
-    rows = [[arm, regime, text.num(d["n"]), text.num(d["span_min"], 3), text.percent(d["percent_per_10min"]),
+    rows = [[arm, regime, text.num(d["n"]), text.num(d["span_min"], 3), text.percent(d["percent_over_span"]),
              f"[{text.percent(d['ci'][0])}, {text.percent(d['ci'][1])}]", text.num(d["spearman"]["rho"], 2)]
             for arm, by_regime in results["drift"].items() for regime, d in by_regime.items()]
-    blocks.append(Table(["arm", "regime", "requests", "span (min)", "TPOT trend per 10 min", "95% CI",
+    blocks.append(Table(["arm", "regime", "requests", "span (min)", "TPOT trend over the span", "95% CI",
                          "Spearman ρ (time, TPOT)"], rows))
     return blocks
 

@@ -73,12 +73,17 @@ def _share(units: pd.DataFrame) -> dict:
 def _acceptance(units: pd.DataFrame, k: int | None, seed: int) -> dict:
     drafts, accepted = units["drafts"].to_numpy(float), units["accepted"].to_numpy(float)
     summary = acceptance.summarize(drafts.sum(), units["draft_tokens"].sum(), accepted.sum(),
-                                   position_counts(units).sum(axis=0), k)
+                                   position_counts(units).sum(axis=0), k, units["decode_tokens"].sum(),
+                                   units["decode_steps"].sum())
     with np.errstate(invalid="ignore", divide="ignore"):
         ci = stats.bootstrap_ci(lambda idx: 1 + accepted[idx].sum(axis=1) / drafts[idx].sum(axis=1),
                                 len(units), seed) if drafts.sum() > 0 else None
     summary["tau_ci"] = list(ci) if ci else None
     summary["requests_with_metrics"] = int(units["with_metrics"].sum())
+    # Aggregated as the speed-up is (a geometric mean over prompts), for the cost estimate and the model.
+    steps = units["decode_steps"].to_numpy(float)
+    tokens = units["decode_tokens"].to_numpy(float)[steps > 0] / steps[steps > 0]
+    summary["tokens_per_step_geomean"] = float(np.exp(np.log(tokens).mean())) if tokens.size else None
     return summary
 
 
@@ -160,6 +165,15 @@ def _gamma(arm, cell: dict | None) -> int | None:
     return max(1, round(length)) if length else None
 
 
+def _step_shape(accepted: dict, gamma: int) -> tuple[float, float, float]:
+    """(drafting share f, drafted tokens per decode step g, measured tokens per
+    decode step as a geometric mean over prompts, like the speed-up); without
+    decode counts, every step drafts gamma tokens and emits tau."""
+    if accepted.get("tokens_per_step_geomean") is None:
+        return 1.0, float(gamma), accepted["tau"]
+    return accepted["drafting_share"], accepted["drafted_per_step"], accepted["tokens_per_step_geomean"]
+
+
 def _cost(run: RunData, cells: list[dict], primary: str | None) -> dict:
     """c per speculative arm: from cost.json where measured, else from the records."""
     cost = {}
@@ -169,17 +183,19 @@ def _cost(run: RunData, cells: list[dict], primary: str | None) -> dict:
             cost[arm.name] = {"c": float(measured["c"]), "source": "cost.json", "method": measured.get("method", ""),
                               **{k: measured[k] for k in ("draft_step_s", "target_step_s", "n") if k in measured}}
             continue
-        cell = find_cell(cells, arm.name, primary)
-        tau = (cell or {}).get("acceptance", {}).get("tau")
-        speed = (cell or {}).get("speedup", {}).get("tpot", {}).get("value")
+        cell = find_cell(cells, arm.name, primary) or {}
+        accepted = cell.get("acceptance") or {}
+        speed = cell.get("speedup", {}).get("tpot", {}).get("value")
         gamma = _gamma(arm, cell)
-        if tau is None or speed is None or gamma is None:
+        if accepted.get("tau") is None or speed is None or gamma is None:
             cost[arm.name] = {"c": None, "source": "none", "method": "no cost.json entry and too few records"}
             continue
+        _, drafted, tokens = _step_shape(accepted, gamma)
         cost[arm.name] = {
-            "c": acceptance.cost_ratio_from_speedup(tau, speed, gamma), "source": "estimated from records",
-            "method": f"c = (tau / S_tpot - 1) / gamma from the {primary} regime (tau = {tau:.3f}, "
-                      f"S_tpot = {speed:.3f}, gamma = {gamma}); circular: the model then reproduces S_tpot",
+            "c": acceptance.cost_ratio_from_speedup(tokens, speed, drafted), "source": "estimated from records",
+            "method": f"c = (tokens per decode step / S_tpot - 1) / drafted tokens per decode step, from the "
+                      f"{primary} regime ({tokens:.3f}, S_tpot = {speed:.3f}, {drafted:.3f}); circular: the model "
+                      "then reproduces S_tpot",
         }
     return cost
 
@@ -194,12 +210,16 @@ def _add_model(run: RunData, cells: list[dict], cost: dict) -> None:
         alpha = accepted["alpha"] if accepted["alpha"] is not None else accepted["alpha_from_tau"]
         if gamma is None or c is None or alpha is None:
             continue
-        cost_factor = 1 / (gamma * max(c, 0.0) + 1)  # a negative estimate is noise: no cost
+        share, drafted, tokens = _step_shape(accepted, gamma)
+        cost_factor = 1 / (drafted * max(c, 0.0) + 1)  # a negative estimate is noise: no cost
         expected = acceptance.expected_tokens_per_step(alpha, gamma)
         cell["model"] = {
             "alpha": alpha, "alpha_source": "per-position counts" if accepted["alpha"] is not None else "tau",
-            "gamma": gamma, "c": c, "expected_tokens_per_step": expected, "cost_factor": cost_factor,
-            "predicted_speedup": expected * cost_factor, "predicted_speedup_from_tau": accepted["tau"] * cost_factor,
+            "gamma": gamma, "c": c, "drafting_share": share, "drafted_per_step": drafted,
+            "expected_tokens_per_draft": expected, "expected_tokens_per_step": share * expected + 1 - share,
+            "cost_factor": cost_factor,
+            "predicted_speedup": acceptance.leviathan_speedup(alpha, gamma, max(c, 0.0), share, drafted),
+            "predicted_speedup_from_measured_tokens": tokens * cost_factor,
             "measured_speedup": cell["speedup"]["tpot"]["value"],
         }
 
@@ -410,24 +430,34 @@ def _load_curve(run: RunData, cells: list[dict], regimes: list[str]) -> dict:
     return curves
 
 
+DRIFT_MIN_REQUESTS = 5
+DRIFT_MIN_SPAN_MIN = 1.0
+
+
+def _percent_change(log_slope_per_min: float, minutes: float) -> float | None:
+    exponent = log_slope_per_min * minutes
+    return 100 * math.expm1(exponent) if exponent < 50 else None
+
+
 def _drift(run: RunData, regimes: list[str], t0: float) -> dict:
-    """Per arm and regime: the robust (Theil-Sen) trend of log TPOT over time."""
+    """Per arm and regime: the robust (Theil-Sen) trend of log TPOT over time,
+    as the change it implies from the regime's first request to its last."""
     drift = {}
     ok = run.ok
     for arm in run.arms:
         for regime in regimes:
             rows = ok[(ok["arm"] == arm.name) & (ok["regime"] == regime) & (ok["tpot_s"] > 0)]
             minutes = ((rows["t_start"] - t0) / 60).to_numpy()
-            if len(rows) < 3 or np.ptp(minutes) == 0:
+            if len(rows) < DRIFT_MIN_REQUESTS or np.ptp(minutes) < DRIFT_MIN_SPAN_MIN:
                 continue
             logs = np.log(rows["tpot_s"].to_numpy())
             slope, _, lo, hi = sps.theilslopes(logs, minutes)
-            rho = stats.spearman(minutes, logs)
+            span = float(np.ptp(minutes))
             drift.setdefault(arm.name, {})[regime] = {
-                "n": len(rows), "span_min": float(np.ptp(minutes)),
-                "percent_per_10min": 100 * (math.exp(10 * slope) - 1),
-                "ci": [100 * (math.exp(10 * lo) - 1), 100 * (math.exp(10 * hi) - 1)],
-                "spearman": rho,
+                "n": len(rows), "span_min": span,
+                "percent_over_span": _percent_change(slope, span),
+                "ci": [_percent_change(lo, span), _percent_change(hi, span)],
+                "spearman": stats.spearman(minutes, logs),
             }
     return drift
 

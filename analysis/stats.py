@@ -154,4 +154,4 @@ def spearman(x, y) -> dict:
 
 def excludes(ci, value: float) -> bool:
     """True when an interval lies wholly on one side of `value`."""
-    return ci is not None and (ci[0] > value or ci[1] < value)
+    return ci is not None and None not in ci and (ci[0] > value or ci[1] < value)

@@ -46,8 +46,10 @@ def _arms(results: dict) -> list[str]:
                 f"{_verdict(speed, 'the baseline')}; end-to-end {text.ratio(e2e)}.")
         accepted = cell.get("acceptance") or {}
         if accepted.get("tau") is not None:
-            line += (f" It emitted τ = {text.num(accepted['tau'])} tokens per target step "
-                     f"(α = {text.num(accepted['alpha'])}, vLLM acceptance rate {text.num(accepted['vllm_rate'])}).")
+            line += (f" τ = {text.num(accepted['tau'])} tokens per drafting step, "
+                     f"{text.num(accepted['tokens_per_step'])} per decode step (drafts on "
+                     f"{text.num(100 * (accepted['drafting_share'] or 0), 0)}% of steps); α = "
+                     f"{text.num(accepted['alpha'])}, vLLM acceptance rate {text.num(accepted['vllm_rate'])}.")
         model = cell.get("model")
         if model:
             cost = results["cost"][name]
@@ -179,11 +181,12 @@ def _drift(results: dict) -> list[str]:
     entry = results["drift"].get(run["baseline_arm"], {}).get(run["primary_regime"])
     if not entry:
         return []
-    trend = f"{text.percent(entry['percent_per_10min'])} per 10 min {text.ci(entry['ci'], 2)}"
+    trend = (f"{text.percent(entry['percent_over_span'])} {text.ci(entry['ci'], 1)} over "
+             f"{text.num(entry['span_min'], 2)} min")
     if stats.excludes(entry["ci"], 0):
-        return [f"The baseline's TPOT drifted by {trend} over {text.num(entry['span_min'], 2)} min: "
-                "comparisons are only trustworthy because they are paired in time."]
-    return [f"No drift of the baseline's TPOT could be shown ({trend} over {text.num(entry['span_min'], 2)} min)."]
+        return [f"The baseline's TPOT drifted by {trend}: comparisons are only trustworthy because they are "
+                "paired in time."]
+    return [f"No drift of the baseline's TPOT could be shown ({trend})."]
 
 
 def _inputs(results: dict) -> list[str]:

@@ -17,7 +17,7 @@ from analysis.pairing import paired_requests, speed_units
 from analysis.report import results_json, write_report
 from analysis.results import compute_results, find_cell
 from analysis.rundir import load_run
-from test_analysis_synthetic import ACCEPTANCE, COST_RATIO, K, write_synthetic_run
+from test_analysis_synthetic import ACCEPTANCE, COST_RATIO, DRAFT_PROBABILITY, K, write_synthetic_run
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,14 @@ def test_leviathan_worked_examples():
     assert acceptance.leviathan_speedup(1.0, 3, 0.1) == pytest.approx(4 / 1.3)
 
 
+def test_model_with_steps_that_do_not_draft():
+    # Half the steps draft (alpha 0.6, gamma 3: E = 2.176), 1.5 drafted tokens per step, c = 0.1:
+    # (0.5 * 2.176 + 0.5) / (1.5 * 0.1 + 1) = 1.588 / 1.15.
+    assert acceptance.leviathan_speedup(0.6, 3, 0.1, drafting_share=0.5, drafted_per_step=1.5) == \
+        pytest.approx(1.588 / 1.15)
+    assert acceptance.leviathan_speedup(0.6, 3, 0.1, drafting_share=1.0) == acceptance.leviathan_speedup(0.6, 3, 0.1)
+
+
 def test_alpha_from_tau_inverts_the_expected_tokens():
     for alpha in (0.05, 0.3, 0.7, 0.95):
         assert acceptance.alpha_from_tau(acceptance.expected_tokens_per_step(alpha, 3), 3) == pytest.approx(alpha)
@@ -51,6 +59,15 @@ def test_cost_ratio_round_trips_through_the_model():
     speedup = acceptance.leviathan_speedup(0.6, 3, 0.15)
     tau = acceptance.expected_tokens_per_step(0.6, 3)
     assert acceptance.cost_ratio_from_speedup(tau, speedup, 3) == pytest.approx(0.15)
+
+
+def test_decode_steps_give_tokens_per_step_and_drafting_share():
+    # 100 decode tokens in 70 steps, 20 of which drafted (3 tokens each) and 30 tokens accepted.
+    summary = acceptance.summarize(20, 60, 30, [15, 10, 5], k=3, decode_tokens=100, decode_steps=70)
+    assert summary["tokens_per_step"] == pytest.approx(100 / 70)
+    assert summary["drafting_share"] == pytest.approx(20 / 70)
+    assert summary["drafted_per_step"] == pytest.approx(60 / 70)
+    assert summary["tau"] == pytest.approx(2.5)
 
 
 def test_acceptance_definitions_on_geometric_counts():
@@ -145,12 +162,20 @@ def test_alpha_recovers_the_simulated_acceptance(synthetic):
 
 def test_cost_ratio_estimate_is_labelled_and_near_the_simulated_one(synthetic):
     _, results = synthetic
-    for arm in ("generic", "finetuned"):
+    for arm in ("ngram", "generic", "finetuned"):
         cost = results["cost"][arm]
         assert cost["source"] == "estimated from records"
         assert "circular" in cost["method"]
-        # The last speculative step overshoots the output length, so the estimate runs a little high.
-        assert cost["c"] == pytest.approx(COST_RATIO[arm], abs=0.04)
+        assert cost["c"] == pytest.approx(COST_RATIO[arm], abs=0.02)
+
+
+def test_drafting_share_separates_ngram_lookup_from_a_draft_model(synthetic):
+    _, results = synthetic
+    for arm in ("ngram", "generic"):
+        accepted = find_cell(results["cells"], arm, "sequential")["acceptance"]
+        assert accepted["drafting_share"] == pytest.approx(DRAFT_PROBABILITY[arm], abs=0.05)
+        # Steps without a draft emit one token, so tokens per decode step stay below tau.
+        assert accepted["tokens_per_step"] <= accepted["tau"]
 
 
 def test_cost_json_is_used_when_present(tmp_path):

@@ -43,6 +43,7 @@ ACCEPTANCE = {
     "finetuned": {"gsm8k": 0.8, "nq_open": 0.6, "xsum": 0.52},
 }
 COST_RATIO = {"ngram": 0.01, "generic": 0.12, "finetuned": 0.12}
+DRAFT_PROBABILITY = {"ngram": 0.6, "generic": 1.0, "finetuned": 1.0}  # n-gram lookup drafts only on a match
 K = 3
 TARGET_STEP_S = 0.026
 DRIFT_PER_MIN = 0.01  # the machine slows down 1% a minute
@@ -99,17 +100,22 @@ def _prompts(rng: np.random.Generator, per_cell: int) -> list[dict]:
     return prompts
 
 
-def _decode(rng, p: float, output_tokens: int) -> tuple[int, list[int]]:
-    """Speculative steps until output_tokens are emitted: (drafts, per-position accepted counts)."""
-    drafts, per_pos, emitted = 0, [0] * K, 0
+def _decode(rng, p: float, draft_probability: float, output_tokens: int) -> tuple[int, int, list[int]]:
+    """Decode steps after the prefill's first token until output_tokens are out:
+    (steps, drafts, per-position accepted counts). A step drafts with
+    draft_probability (n-gram lookup needs a match); acceptance is geometric
+    with per-token probability p, and stops at the output budget."""
+    steps, drafts, per_pos, emitted = 0, 0, [0] * K, 1
     while emitted < output_tokens:
         accepted = 0
-        while accepted < K and rng.random() < p:
-            per_pos[accepted] += 1
-            accepted += 1
-        drafts += 1
+        if rng.random() < draft_probability:
+            drafts += 1
+            while accepted < min(K, output_tokens - emitted - 1) and rng.random() < p:
+                per_pos[accepted] += 1
+                accepted += 1
+        steps += 1
         emitted += accepted + 1
-    return drafts, per_pos
+    return steps, drafts, per_pos
 
 
 def _hash(text: str) -> str:
@@ -141,18 +147,18 @@ def _record(rng, clock, run_id, arm, prompt, regime, output_tokens, failed_statu
         return record
     step = TARGET_STEP_S * clock.drift()
     if arm == "baseline":
-        steps, spec = output_tokens, None
+        decode_time = (output_tokens - 1) * step
     else:
         p = ACCEPTANCE[arm][_source(prompt["task"])]
-        drafts, per_pos = _decode(rng, p, output_tokens)
-        steps = drafts
-        step *= (1 + K * COST_RATIO[arm] * LOAD_SLOWDOWN[regime])
+        steps, drafts, per_pos = _decode(rng, p, DRAFT_PROBABILITY[arm], output_tokens)
+        # Drafting costs c target steps per drafted token, more under load.
+        decode_time = step * (steps + drafts * K * COST_RATIO[arm] * LOAD_SLOWDOWN[regime])
         spec = {"num_spec_steps": drafts, "num_draft_tokens": K * drafts, "num_accepted_draft_tokens": sum(per_pos)}
         record.update({"spec_drafts": drafts, "spec_draft_tokens": K * drafts, "spec_accepted_tokens": sum(per_pos),
                        "spec_accepted_per_pos": json.dumps(per_pos), "spec_json": json.dumps(spec)})
     noise = math.exp(rng.normal(0, 0.05))
     ttft = 0.03 + 0.0002 * prompt["prompt_tokens"]
-    tpot = steps * step / output_tokens * noise
+    tpot = decode_time / (output_tokens - 1) * noise
     e2e = ttft + tpot * (output_tokens - 1)
     same_as_target = rng.random() < (0.85 if arm == "baseline" else 0.75)
     text = f"answer to {prompt['id']}" if same_as_target else f"variant {rng.random()}"
