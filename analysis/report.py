@@ -337,8 +337,9 @@ def _load_section(results: dict, figures: dict) -> list:
 def _drift_section(results: dict, figures: dict) -> list:
     blocks = [Heading(2, "Drift over time"),
               Paragraph("These machines drift; each arm's TPOT trend is a Theil–Sen slope of log TPOT on time, "
-                        "written as the % change it implies over the regime's span, with its 95% interval. TPOT also depends on the prompt, so a "
-                        "trend is only evidence of drift when prompts are spread evenly over time.")]
+                        "written as the % change it implies over the regime's span, with its 95% interval. TPOT "
+                        "also depends on the prompt, so a trend is only evidence of drift when prompts are spread "
+                        "evenly over time.")]
     if "drift.png" in figures:
         blocks.append(Figure(f"{FIGURES}/drift.png", figures["drift.png"]))
     rows = [[arm, regime, text.num(d["n"]), text.num(d["span_min"], 3), text.percent(d["percent_over_span"]),
