@@ -258,7 +258,10 @@ def load_curve(results: dict, path: Path) -> str | None:
             crossing = curve["crosses_between"]
             label = f"{arm} (crosses 1× between {' and '.join(crossing)})" if crossing else arm
             ax.errorbar(xs, [p[0] for p in points], yerr=np.array([p[1] for p in points]).T, marker="o", capsize=2,
-                        label=label)
+                        label=label, color=f"C{i}")
+            unpaired = [(x, p[0]) for x, p, point in zip(xs, points, curve["points"]) if not point["paired"]]
+            if unpaired:  # open markers: arms compared over different prompts
+                ax.scatter(*zip(*unpaired), marker="o", s=40, facecolor="white", edgecolor=f"C{i}", zorder=3)
         ax.axhline(1, color="black", lw=0.8)
         ax.set_xticks(range(len(regimes)), regimes, fontsize=8)
         ax.set_title(f"{metric.upper()} speed-up over the baseline")
@@ -268,7 +271,7 @@ def load_curve(results: dict, path: Path) -> str | None:
     axes[1].legend(fontsize=7)
     _save(fig, path)
     return ("Speed-up under each load regime (all tasks): where a line falls below 1×, speculation costs more than "
-            "it saves.")
+            "it saves. Open markers: unpaired comparisons (the arms answered different prompts).")
 
 
 def drift(run: RunData, path: Path) -> str | None:

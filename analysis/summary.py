@@ -53,8 +53,9 @@ def _arms(results: dict) -> list[str]:
         model = cell.get("model")
         if model:
             cost = results["cost"][name]
+            negative = " (below 0: noise, taken as 0)" if model["c"] < 0 else ""
             line += (f" The Leviathan model predicts {text.num(model['predicted_speedup'], 2)}× from α and "
-                     f"c = {text.num(model['c'])} ({cost['source']}).")
+                     f"c = {text.num(model['c'])}{negative} ({cost['source']}).")
             if cost["source"] != "cost.json":
                 line += " With c estimated from these same timings that prediction is not an independent check."
         lines.append(line)
