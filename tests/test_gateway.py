@@ -1,8 +1,9 @@
 """The gateway against the FAKE upstream (benchmarks/fake_upstream.py): every
 error path, the OpenAI client, records, metrics, replicas, auth, durability.
 
-These start two small local processes (the fake and the gateway, about a
-second each) and no model; the real-vLLM tests are in test_gateway_e2e.py."""
+These start small local servers (the fake and the gateway, about a second
+each) and no model, so they are marked slow like every test that starts a
+server; the real-vLLM tests are in test_gateway_e2e.py."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from specdrift.processes import ProcessStack, free_port, start_child, wait_healt
 REPO = Path(__file__).resolve().parent.parent
 FAKE_UPSTREAM = REPO / "benchmarks" / "fake_upstream.py"
 VOCABULARY = {"task": ["gsm8k", "xsum"], "stratum": ["p0-64", "p64-256"]}
+
+pytestmark = pytest.mark.slow
 
 
 # --- processes ----------------------------------------------------------------
