@@ -33,7 +33,8 @@ owns it). Columns read here:
 
 `workload.build.json` (optional): `lengths = {task: {"prompt_tokens": [...],
   "ref_tokens": [...]}}` of every prompt the workload kept (both splits): the
-  datasets' own length distributions, beside the measured eval set's.
+  datasets' own length distributions, beside the measured eval set's. Without
+  it, the workload's train rows (a seeded random half) stand in.
 
 `state.json` (optional): `dead_arms = {arm: reason}`, arms the runner gave up on.
 

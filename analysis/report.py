@@ -211,8 +211,7 @@ def _divergence_section(results: dict, figures: dict) -> list:
             rows = [[a] + [_triple({x: m[x][i][j] for x in ("js", "w1", "ks")}) for j in range(len(names))]
                     for i, a in enumerate(names)]
             blocks.append(Table(["dataset"] + names, rows,
-                                f"Datasets as kept by the workload (both splits, unstratified), {kind} length: "
-                                "JS / W1 / KS"))
+                                f"Datasets' own lengths ({datasets['source']}), {kind} length: JS / W1 / KS"))
     if div["drafters"]:
         if "divergence_drafters.png" in figures:
             blocks.append(Figure(f"{FIGURES}/divergence_drafters.png", figures["divergence_drafters.png"]))
@@ -292,10 +291,11 @@ def _control_section(results: dict) -> list:
         task, like, label = control["task"], control["like"], control["label"]
         match = control["prompt_divergence"]
         blocks.append(Paragraph(
-            f"{label}: {task} prompts resampled to follow {like}'s prompt lengths. Prompt-length JS to {like}: "
-            f"{text.num(match['control_vs_like']['js'])} for the control, {text.num(match['task_vs_like']['js'])} "
-            f"for {task} itself (lower = better matched). If a gain follows length, the control's value sits near "
-            f"{like}'s; if it follows domain, near {task}'s."))
+            f"{label}: {task} prompts resampled to follow {like}'s prompt lengths ({match['reference']}). "
+            f"Prompt-length JS / W1 / KS to them: {_triple(match['control_vs_like'])} for the control, "
+            f"{_triple(match['task_vs_like'])} for {task}'s eval prompts (lower = better matched; with a handful "
+            f"of prompts JS is coarse). If a gain follows length, the control's value sits near {like}'s; if it "
+            f"follows domain, near {task}'s."))
         rows = []
         for arm, by_group in control["arms"].items():
             for group in (task, label, like):

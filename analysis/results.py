@@ -272,7 +272,8 @@ def _divergence(run: RunData, lengths: pd.DataFrame, edges: np.ndarray) -> dict:
                          for t in tasks},
         "matrices": matrices,
         # The datasets as kept by the workload (workload.build.json): natural, not stratified, lengths.
-        "datasets": {"tasks": datasets, "matrices": dataset_matrices} if datasets else None,
+        "datasets": {"tasks": datasets, "matrices": dataset_matrices, "source": run.dataset_lengths_source}
+        if datasets else None,
         "drafters": drafters,
         "drafter_lengths": {name: {kind: {"n": len(v), "median": float(np.median(v))} for kind, v in d.lengths.items()}
                             for name, d in run.drafters.items() if d.lengths},
@@ -381,7 +382,10 @@ def _controls(run: RunData, cells: list[dict], answers: list[dict], lengths: pd.
     controls = []
     for _, row in labels.sort_values("group").iterrows():
         task, like, label = row["control_task"], row["control_like"], row["group"]
-        sample = {g: _sample(lengths[lengths["group"] == g], "prompt") for g in (task, like, label)}
+        sample = {g: _sample(lengths[lengths["group"] == g], "prompt") for g in (task, label)}
+        # The control was drawn to follow B's own lengths, not B's stratified eval sample.
+        natural = (run.dataset_lengths.get(like) or {}).get("prompt_tokens")
+        reference = natural or _sample(lengths[lengths["group"] == like], "prompt")
         arms = {}
         for arm in run.speculative_arms:
             arms[arm.name] = {}
@@ -399,8 +403,10 @@ def _controls(run: RunData, cells: list[dict], answers: list[dict], lengths: pd.
                 for g in (task, label, like)}
         controls.append({
             "label": label, "task": task, "like": like, "regime": primary,
-            "prompt_divergence": {"control_vs_like": divergence.compare(sample[label], sample[like], edges),
-                                  "task_vs_like": divergence.compare(sample[task], sample[like], edges)},
+            "prompt_divergence": {"control_vs_like": divergence.compare(sample[label], reference, edges),
+                                  "task_vs_like": divergence.compare(sample[task], reference, edges),
+                                  "reference": f"{like}: {run.dataset_lengths_source}" if natural
+                                  else f"{like}: its eval prompts"},
             "arms": arms, "gains": gains,
         })
     return controls

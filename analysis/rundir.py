@@ -61,8 +61,9 @@ class RunData:
     prompts: pd.DataFrame
     cost: dict
     dead_arms: dict[str, str]  # from state.json: arm -> why the runner gave up on it
-    # workload.build.json's lengths of every kept prompt: {task: {"prompt_tokens": [...], "ref_tokens": [...]}}
+    # Each task's natural lengths: {task: {"prompt_tokens": [...], "ref_tokens": [...]}} (see _dataset_lengths)
     dataset_lengths: dict[str, dict[str, list[int]]]
+    dataset_lengths_source: str | None
     environment: dict
     target_dtype: str | None
     temperature: float | None
@@ -128,10 +129,25 @@ def _read_workload(path: Path) -> pd.DataFrame | None:
         control = row.get("control") or {}
         rows.append({
             "prompt_id": str(row["id"]), "task": row.get("task"), "stratum": row.get("stratum"),
-            "split": row.get("split"), "prompt_tokens": row.get("prompt_tokens"),
+            "split": row.get("split"), "prompt_tokens": row.get("prompt_tokens"), "ref_tokens": row.get("ref_tokens"),
             "control_task": control.get("task"), "control_like": control.get("like"),
         })
     return pd.DataFrame(rows)
+
+
+def _dataset_lengths(run_dir: Path, workload: pd.DataFrame | None) -> tuple[dict, str | None]:
+    """Each task's own (unstratified) lengths: every prompt the workload kept
+    (workload.build.json), else its train split, a seeded random half of them."""
+    built = _read_json(run_dir / "workload.build.json", {}).get("lengths")
+    if built:
+        return built, "workload.build.json: every prompt the workload kept"
+    if workload is None or "split" not in workload:
+        return {}, None
+    train = workload[(workload["split"] == "train") & workload["control_task"].isna()]
+    lengths = {task: {"prompt_tokens": [int(v) for v in rows["prompt_tokens"].dropna()],
+                      "ref_tokens": [int(v) for v in rows["ref_tokens"].dropna()]}
+               for task, rows in train.groupby("task", sort=True)}
+    return lengths, ("workload.jsonl train split: a seeded random half of the prompts kept" if lengths else None)
 
 
 def _prompts(records: pd.DataFrame, workload: pd.DataFrame | None) -> pd.DataFrame:
@@ -220,6 +236,7 @@ def load_run(run_dir: str | Path) -> RunData:
     regimes = list(plans) + sorted(set(records["regime"]) - set(plans))
     run_ids = sorted(set(records["run_id"].dropna().astype(str)) - {"none"})
     cost = _read_json(run_dir / "cost.json", {})
+    dataset_lengths, dataset_source = _dataset_lengths(run_dir, workload)
     return RunData(
         path=run_dir,
         run_id=",".join(run_ids) or run_dir.name,
@@ -233,7 +250,8 @@ def load_run(run_dir: str | Path) -> RunData:
         prompts=prompts,
         cost=cost.get("arms") or {},
         dead_arms=_read_json(run_dir / "state.json", {}).get("dead_arms") or {},
-        dataset_lengths=_read_json(run_dir / "workload.build.json", {}).get("lengths") or {},
+        dataset_lengths=dataset_lengths,
+        dataset_lengths_source=dataset_source,
         environment=_read_json(run_dir / "environment.json", {}),
         target_dtype=(config.get("target") or {}).get("dtype"),
         temperature=config.get("temperature"),

@@ -295,6 +295,16 @@ def test_divergence_tables_cover_tasks_drafters_and_datasets(synthetic):
     assert div["method"]["js_log_base"] == 2
 
 
+def test_dataset_lengths_fall_back_to_the_train_split(tmp_path):
+    run_dir = write_synthetic_run(tmp_path / "run", per_cell=2, regimes=("sequential",))
+    (run_dir / "workload.build.json").unlink()
+    run = load_run(run_dir)
+    assert {task: len(v["prompt_tokens"]) for task, v in run.dataset_lengths.items()} == \
+        {"gsm8k": 20, "nq_open": 20, "xsum": 20}
+    assert "train split" in compute_results(run)["divergence"]["datasets"]["source"]
+    assert "train" not in set(run.prompts["prompt_id"].str.split("-").str[1])  # never sent, never analysed
+
+
 # --- determinism -------------------------------------------------------------------
 
 def test_results_are_byte_identical_whatever_the_row_order(tmp_path):

@@ -192,6 +192,12 @@ def write_synthetic_run(run_dir: Path, *, seed: int = 0, per_cell: int = 6,
             row = {"dataset": _source(p["task"]), "messages": [{"role": "user", "content": f"prompt {p['id']}"}],
                    "max_tokens": TASKS[_source(p["task"])]["max_tokens"], "ref_tokens": None, "split": "eval", **p}
             f.write(json.dumps(row) + "\n")
+        for task, spec in TASKS.items():  # the train split: written, never sent
+            for i in range(20):
+                row = {"id": f"{task}-train-{i}", "task": task, "dataset": task, "stratum": "p0-64",
+                       "messages": [], "max_tokens": spec["max_tokens"], "split": "train",
+                       "prompt_tokens": int(rng.integers(*spec["prompt"])), "ref_tokens": int(rng.integers(10, 60))}
+                f.write(json.dumps(row) + "\n")
     natural = {task: [int(rng.integers(*spec["prompt"])) for _ in range(80)] for task, spec in TASKS.items()}
     (run_dir / "workload.build.json").write_text(json.dumps({"lengths": {
         task: {"prompt_tokens": lengths, "ref_tokens": [int(rng.integers(10, spec["max_tokens"])) for _ in lengths]}
