@@ -18,15 +18,18 @@ def ci(interval, digits: int = 3) -> str:
 
 
 def with_ci(value, interval, digits: int = 3) -> str:
-    """'1.234 [1.1, 1.3]', or a dash when there is no value."""
-    return DASH if value is None else f"{num(value, digits)} {ci(interval, digits)}"
+    """'1.234 [1.1, 1.3]'; the value alone without an interval, a dash without a value."""
+    if value is None:
+        return DASH
+    return f"{num(value, digits)} {ci(interval, digits)}" if interval else num(value, digits)
 
 
 def ratio(estimate: dict | None, digits: int = 2) -> str:
     """A geometric mean with its interval: '1.12× [0.98, 1.25]'."""
     if not estimate or estimate.get("value") is None:
         return DASH
-    return f"{estimate['value']:.{digits}f}× {ci(estimate.get('ci'), digits)}"
+    interval = estimate.get("ci")
+    return f"{estimate['value']:.{digits}f}×" + (f" {ci(interval, digits)}" if interval else "")
 
 
 def share(entry: dict | None) -> str:
