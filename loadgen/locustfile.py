@@ -76,10 +76,14 @@ def add_options(parser):
 # --- the plan, on the master (or the only process) ----------------------------------
 
 def list_arms(host: str) -> list[str]:
-    with httpx.Client(timeout=httpx.Timeout(10.0)) as client:
-        response = client.get(host.rstrip("/") + "/v1/models")
-        response.raise_for_status()
-        return [m["id"] for m in response.json()["data"]]
+    url = host.rstrip("/") + "/v1/models"
+    try:
+        with httpx.Client(timeout=httpx.Timeout(10.0)) as client:
+            response = client.get(url)
+            response.raise_for_status()
+            return [m["id"] for m in response.json()["data"]]
+    except (httpx.HTTPError, ValueError, KeyError) as err:
+        raise ValueError(f"no --arms given, and the arms could not be listed from {url}: {err}") from None
 
 
 def recorded_ok(path: str, run_id: str) -> Counter:
@@ -136,7 +140,7 @@ class SpecdriftShape(LoadTestShape):
         if self.scheduler is None:
             try:
                 self.scheduler = make_scheduler(environment)
-            except (OSError, ValueError, httpx.HTTPError) as err:
+            except (OSError, ValueError) as err:
                 log.error("specdrift: cannot start: %s", err)
                 environment.process_exit_code = 2
                 return None
