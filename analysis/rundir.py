@@ -100,6 +100,8 @@ def _read_records(path: Path) -> pd.DataFrame:
         raise RunDirError(f"{path}: cannot read table 'requests' ({err})") from None
     finally:
         con.close()
+    if frame.empty:
+        raise RunDirError(f"{path}: table 'requests' is empty: the run recorded no request")
     for column in RECORD_COLUMNS:
         if column not in frame:
             frame[column] = None

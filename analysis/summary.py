@@ -66,8 +66,9 @@ def _baseline_noise(results: dict) -> list[str]:
     run = results["run"]
     cell = find_cell(results["cells"], run["baseline_arm"], run["primary_regime"])
     if cell is None:
-        return [f"The baseline arm {run['baseline_arm']} has no successful records in the "
-                f"{run['primary_regime']} regime, so no speed-up can be measured."]
+        where = f"in the {run['primary_regime']} regime" if run["primary_regime"] else "at all"
+        return [f"The baseline arm {run['baseline_arm']} answered no request successfully {where}, so no "
+                "speed-up can be measured."]
     repeat = cell["speedup"]["tpot"]
     if repeat["value"] is None:
         return ["The baseline was not run twice on the same prompts, so there is no noise floor for "

@@ -389,6 +389,18 @@ def test_float32_run_is_called_an_exact_check(tmp_path):
     assert any("float32" in line and "lossy" in line for line in results["summary"])
 
 
+def test_a_run_where_every_request_failed(tmp_path):
+    run_dir = write_synthetic_run(tmp_path / "run", per_cell=2, regimes=("sequential",))
+    con = sqlite3.connect(run_dir / "records.sqlite")
+    con.execute("UPDATE requests SET status = 'upstream_unavailable'")
+    con.commit()
+    con.close()
+    results = write_report(run_dir)
+    assert results["cells"] == [] and results["run"]["primary_regime"] is None
+    assert any("answered no request successfully at all" in line for line in results["summary"])
+    assert (run_dir / "report.html").exists()
+
+
 def test_missing_records_database_is_a_clear_error(tmp_path):
     from analysis.rundir import RunDirError
 

@@ -161,5 +161,3 @@ def test_html_renders_in_chromium_with_figures_and_readable_tables(reported, tmp
     distinct = len(np.unique(pixels.reshape(-1, 3)[::7], axis=0))
     non_white = (pixels.min(axis=2) < 240).mean()
     assert distinct > 200 and non_white > 0.05, (distinct, non_white)
-    keep = Path("/tmp/specdrift-report-screenshot.png")
-    shutil.copyfile(shot, keep)  # for a person to look at after the test
