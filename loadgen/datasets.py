@@ -91,7 +91,7 @@ def spec_bench(folder: Path) -> Iterator[Item]:
     for _, rec in read_jsonl(folder / "question.jsonl"):
         category = rec["category"]
         prompt = rec["turns"][0]
-        content = prompt.removeprefix("Translate German to English: ")
+        content = prompt.removeprefix("Translate German to English: ")  # the translation's own text
         reference = None
         if rec.get("reference"):
             first = rec["reference"][0]

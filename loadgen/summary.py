@@ -3,6 +3,7 @@ stratum), what the build excluded, and a histogram of lengths per task."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,7 +30,12 @@ def length_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     order = {"eval": 0, "train": 1}
-    for split, task, stratum in sorted(groups, key=lambda k: (order.get(k[0], 2), k[1], k[2] == "all", k[2])):
+
+    def key(group):  # strata by their bounds (p64-256 before p256-1024), the task's total last
+        split, task, stratum = group
+        return order.get(split, 2), task, stratum == "all", [int(n) for n in re.findall(r"\d+", stratum)]
+
+    for split, task, stratum in sorted(groups, key=key):
         members = groups[(split, task, stratum)]
         prompt = [r["prompt_tokens"] for r in members]
         ref = [r["ref_tokens"] for r in members if r.get("ref_tokens") is not None]
