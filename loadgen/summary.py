@@ -83,7 +83,7 @@ def plot_lengths(report: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     lengths = report["lengths"]
-    colours = plt.get_cmap("tab20").colors
+    colours = plt.get_cmap("tab10" if len(lengths) <= 10 else "tab20").colors
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, title in ((axes[0], "prompt_tokens", "prompt length (chat template included)"),
                            (axes[1], "ref_tokens", "reference output length")):
