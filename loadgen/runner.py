@@ -284,7 +284,7 @@ def note_dead_arms(arm_children: dict[str, Child], state: RunState, run: RunDir,
 def run_experiment(config: ExperimentConfig, out: Path | None = None, resume: bool = False,
                    arm_names: list[str] | None = None, progress=print) -> Path:
     from drafters.build import build_missing_drafters
-    from loadgen.workload import build_workload, read_workload, tag_vocabulary, write_workload
+    from loadgen.workload import build, read_workload, sidecar, tag_vocabulary, write_workload
     from service.launch import start_gateway
     from specdrift.arms import missing_inputs, start_arms
     from specdrift.models import prepare_target
@@ -306,7 +306,10 @@ def run_experiment(config: ExperimentConfig, out: Path | None = None, resume: bo
 
     progress("== workload")
     if not run.workload.exists():
-        write_workload(build_workload(config), run.workload)
+        built = build(config)
+        # The build report (every prompt's lengths per task) feeds the divergence tables.
+        sidecar(run.workload, "build.json").write_text(json.dumps(built.report, indent=1) + "\n")
+        write_workload(built.rows, run.workload)
     rows = read_workload(run.workload)
     n_eval = sum(1 for r in rows if r["split"] == "eval")
     progress(f"workload: {len(rows)} rows, {n_eval} eval prompts")
@@ -329,7 +332,11 @@ def run_experiment(config: ExperimentConfig, out: Path | None = None, resume: bo
 
     progress("== report")
     from analysis.report import write_report
+    from analysis.rundir import RunDirError
 
-    write_report(run.root)
+    try:
+        write_report(run.root)
+    except RunDirError as err:
+        raise RunError(f"no report: {err}") from None
     progress(f"done in {format_eta(time.monotonic() - started)}: {run.root / 'report.md'}")
     return run.root
