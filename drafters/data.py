@@ -1,0 +1,67 @@
+"""The drafter's training prompts: the workload's train split, tokenized as served.
+
+Only rows with split == "train" are used, so the eval prompts that Locust
+replays (and the benchmark measures) are never trained on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+from drafters.recipe import Recipe
+from drafters.responses import Request
+from specdrift.config import ConfigError, DrafterConfig, ExperimentConfig
+
+
+@dataclass(frozen=True)
+class TrainPrompt:
+    row_id: str
+    task: str
+    request: Request
+    holdout: bool
+
+
+def workload_rows(config: ExperimentConfig) -> list[dict]:
+    from loadgen.workload import build_workload
+
+    return build_workload(config)
+
+
+def drafter_tasks(drafter: DrafterConfig, rows: list[dict]) -> list[str]:
+    available = sorted({r["task"] for r in rows if r["split"] == "train" and "control" not in r})
+    if drafter.tasks == "all":
+        return available
+    unknown = [t for t in drafter.tasks if t not in available]
+    if unknown:
+        raise ConfigError(f"drafters.{drafter.name}.tasks: {unknown[0]!r} has no train prompts in the workload "
+                          f"(tasks: {', '.join(available)})")
+    return sorted(drafter.tasks)
+
+
+def select_prompts(rows: list[dict], tasks: list[str], recipe: Recipe, tokenizer) -> list[TrainPrompt]:
+    """Train rows of `tasks` (capped per task, seeded), each tokenized with the chat template."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["split"] == "train" and row["task"] in tasks and "control" not in row:
+            by_task[row["task"]].append(row)
+    chosen: list[TrainPrompt] = []
+    for task in tasks:
+        task_rows = sorted(by_task[task], key=lambda r: r["id"])
+        random.Random(f"{recipe.seed}:{task}").shuffle(task_rows)
+        task_rows = task_rows[: recipe.max_prompts_per_task]
+        n_holdout = max(1, round(len(task_rows) * recipe.holdout_fraction))
+        for i, row in enumerate(task_rows):
+            ids = prompt_ids(tokenizer, row["messages"])
+            if "prompt_tokens" in row and len(ids) != row["prompt_tokens"]:
+                raise RuntimeError(f"{row['id']}: {len(ids)} prompt tokens here but {row['prompt_tokens']} "
+                                   "in the workload: the tokenizer or chat template differs")
+            chosen.append(TrainPrompt(row["id"], task, Request(row["id"], ids, row["max_tokens"]), i < n_holdout))
+    return chosen
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids as the server sees them: the chat template with the generation prompt."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

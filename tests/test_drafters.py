@@ -1,0 +1,224 @@
+"""Drafter building, distillation and cards, on the real target (no servers).
+
+The distillation test pre-fills the response cache with the target's greedy
+responses computed by transformers (the vLLM generation step is exercised by
+tests/test_drafters_e2e.py), then runs the real `distill` with the reduced
+recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from drafters.build import distill, expected_hash_of
+from drafters.card import CARD_FILE, HISTOGRAM_EDGES, card_problem, read_card
+from drafters.data import prompt_ids
+from drafters.model import drafter_from_target, save_drafter
+from drafters.recipe import REDUCED_RECIPE, Recipe, recipe_for
+from drafters.responses import prompt_sha
+from drafters.vocab import VocabMap, choose_vocabulary, load_target_ids
+from specdrift.config import ConfigError, DrafterConfig, TargetConfig
+from specdrift.models import directory_hashes
+
+TEXTS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+         "Translate German to English: Das ist ein kleines Haus am See.",
+         "The quick brown fox jumps over the lazy dog. " * 3]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(target_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(target_dir)
+
+
+@pytest.fixture(scope="module")
+def target_model(target_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+
+
+def test_drafter_from_target_keeps_layers_vocabulary_tokenizer_and_template(target_dir, tokenizer, target_model,
+                                                                           tmp_path):
+    streams = [tokenizer(t)["input_ids"] for t in TEXTS]
+    target_ids = choose_vocabulary(tokenizer, 1024, streams)
+    assert target_ids == sorted(target_ids) and len(target_ids) == 1024
+    assert {0, 1, 2} <= set(target_ids) and all(t in target_ids for s in streams for t in s)
+
+    drafter = drafter_from_target(target_dir, 2, target_ids)
+    save_drafter(drafter, tmp_path, target_dir, target_ids, "bfloat16")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["vocab_size"] == 1024
+    assert config["hidden_size"] == target_model.config.hidden_size
+    assert config["tie_word_embeddings"] is True
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)  # special tokens keep their ids
+    assert load_target_ids(tmp_path) == target_ids
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    embedding = saved.get_input_embeddings().weight
+    assert embedding.shape == (1024, 576)
+    assert saved.lm_head.weight.data_ptr() == embedding.data_ptr()
+    expected_rows = target_model.get_input_embeddings().weight[torch.tensor(target_ids)].to(torch.bfloat16)
+    assert torch.equal(embedding.to(torch.bfloat16), expected_rows)
+    assert torch.equal(saved.model.layers[1].mlp.down_proj.weight.to(torch.bfloat16),
+                       target_model.model.layers[1].mlp.down_proj.weight.to(torch.bfloat16))
+
+    draft_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(draft_tokenizer) == 1024
+    assert draft_tokenizer.chat_template == tokenizer.chat_template
+    assert draft_tokenizer.convert_ids_to_tokens(list(range(1024))) == tokenizer.convert_ids_to_tokens(target_ids)
+    # Text made of kept tokens tokenizes to the same tokens in both vocabularies.
+    for text, stream in zip(TEXTS, streams):
+        assert [target_ids[i] for i in draft_tokenizer(text)["input_ids"]] == stream
+    messages = [{"role": "user", "content": TEXTS[0]}]
+    assert (draft_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def test_full_vocabulary_drafter_shares_the_target_tokenizer(target_dir, tokenizer, tmp_path):
+    drafter = drafter_from_target(target_dir, 1, None)
+    save_drafter(drafter, tmp_path, target_dir, None, "bfloat16")
+    assert json.loads((tmp_path / "config.json").read_text())["vocab_size"] == len(tokenizer)
+    assert (tmp_path / "tokenizer.json").read_text() == (target_dir / "tokenizer.json").read_text()
+    assert load_target_ids(tmp_path) is None
+
+
+def test_vocab_map_sends_unknown_inputs_to_unk_and_marks_unknown_outputs():
+    vocab = VocabMap(10, [0, 1, 2, 7], unk_id=0)
+    assert vocab.inputs(torch.tensor([7, 5, 2])).tolist() == [3, 0, 2]
+    assert vocab.outputs(torch.tensor([7, 5, 2])).tolist() == [3, -1, 2]
+
+
+def test_recipe_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"drafters\.generic\.recipe\.learning_rate"):
+        recipe_for(DrafterConfig(name="generic", recipe={"learning_rate": -1}))
+    with pytest.raises(ConfigError, match=r"drafters\.generic\.recipe\.lerning_rate"):
+        recipe_for(DrafterConfig(name="generic", recipe={"lerning_rate": 1e-3}))
+    with pytest.raises(ConfigError, match=r"drafters\.ft\.recipe\.layers"):
+        recipe_for(DrafterConfig(name="ft", init="generic", recipe={"layers": 3}))
+    assert recipe_for(DrafterConfig(name="ft", init="generic", recipe={"learning_rate": 1e-3})).layers == 2
+
+
+def _rows(tokenizer, data_rows: list[dict]) -> list[dict]:
+    for row in data_rows:
+        row["prompt_tokens"] = len(prompt_ids(tokenizer, row["messages"]))
+    return data_rows
+
+
+def _workload_rows(data_dir: Path, n_per_task: int) -> list[dict]:
+    """A small real train split: GSM8K questions and WMT22 sources."""
+    from loadgen import templates
+
+    rows = []
+    with open(data_dir / "gsm8k" / "test.jsonl") as f:
+        for i, line in zip(range(n_per_task), f):
+            question = json.loads(line)["question"]
+            rows.append({"id": f"gsm8k:{i}", "task": "gsm8k", "split": "train", "max_tokens": 24,
+                         "messages": [{"role": "user", "content": templates.GSM8K.format(question=question)}]})
+    sources = (data_dir / "wmt22_de_en" / "generaltest2022.de-en.src.de").read_text().splitlines()
+    for i, source in enumerate(sources[:n_per_task]):
+        rows.append({"id": f"wmt22_de_en:{i}", "task": "wmt22_de_en", "split": "train", "max_tokens": 24,
+                     "messages": [{"role": "user", "content": templates.WMT22_DE_EN.format(source=source)}]})
+    rows.append({**rows[0], "id": "gsm8k:eval", "split": "eval"})  # must never be trained on
+    return rows
+
+
+def _fill_response_cache(config, rows, tokenizer, model, top_k: int) -> Path:
+    """The target's greedy responses and top-k, computed with transformers, in the distill cache."""
+    cache = (config.cache_path / "drafters" / config.target.name / "responses" /
+             f"{expected_hash_of(directory_hashes(Path(config.target.path)), config.target.dtype)}-top{top_k}.jsonl")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache, "w") as f:
+        for row in rows:
+            ids = prompt_ids(tokenizer, row["messages"])
+            with torch.no_grad():
+                out = model.generate(torch.tensor([ids]), max_new_tokens=row["max_tokens"], do_sample=False)
+                logits = model(out).logits[0, len(ids) - 1:-1]
+            output = out[0, len(ids):].tolist()
+            top = torch.log_softmax(logits, -1).topk(top_k, dim=-1)
+            f.write(json.dumps({"id": row["id"], "prompt_sha": prompt_sha(ids), "prompt_ids": ids,
+                                "output_ids": output, "topk_ids": top.indices.tolist(),
+                                "topk_logprobs": top.values.tolist()}) + "\n")
+    return cache
+
+
+def _drafter_config(cpu_config, target_dir: Path, cache: Path, recipe: dict):
+    config = cpu_config.model_copy(deep=True)
+    config.cache_dir = str(cache)
+    config.target = TargetConfig(name="smollm2-135m-instruct", source="path", path=str(target_dir), dtype="bfloat16")
+    config.drafters = [DrafterConfig(name="generic", init="target", tasks="all", recipe=recipe),
+                       DrafterConfig(name="narrow", init="generic", tasks=["gsm8k"],
+                                     recipe={k: v for k, v in recipe.items() if k not in ("layers", "vocab_size")})]
+    config.arms = [config.arms[0]]
+    return config
+
+
+def test_tiny_distillation_lowers_loss_writes_a_complete_card_and_is_reused(
+        cpu_config, target_dir, data_dir, tokenizer, target_model, tmp_path):
+    recipe = {**REDUCED_RECIPE, "max_steps": 25, "max_minutes": 3, "eval_every_steps": 25,
+              "learning_rate": 3e-3, "warmup_steps": 2}
+    config = _drafter_config(cpu_config, target_dir, tmp_path / "cache", recipe)
+    rows = _rows(tokenizer, _workload_rows(data_dir, 5))
+    _fill_response_cache(config, rows, tokenizer, target_model, Recipe.model_validate(recipe).top_k)
+    messages = []
+
+    out = distill(config, "narrow", rows=rows, progress=messages.append)
+
+    generic = read_card(out.parent / "generic")
+    card = read_card(out)
+    for c in (generic, card):
+        assert c["training"]["loss_last"] < c["training"]["loss_first"]
+        assert set(c) >= {"name", "inputs_hash", "base", "target", "recipe", "shape", "training_data",
+                          "generation", "training", "build_seconds", "files", "software", "created"}
+    assert generic["training"]["holdout_after"]["top1_agreement"] > generic["training"]["holdout_before"]["top1_agreement"]
+    assert card["base"] == {"kind": "drafter", "name": "generic", "path": str(out.parent / "generic"),
+                            "inputs_hash": generic["inputs_hash"]}
+    assert generic["shape"] == {"layers": 1, "hidden_size": 576, "vocab_size": 4096, "trimmed_vocabulary": True}
+    assert card["shape"] == generic["shape"]
+
+    data = generic["training_data"]
+    assert data["tasks"] == ["gsm8k", "wmt22_de_en"] and data["counts"] == {"gsm8k": 5, "wmt22_de_en": 5}
+    assert card["training_data"]["counts"] == {"gsm8k": 5}
+    lengths = data["lengths"]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert sorted(lengths["prompt"]) == sorted(r["prompt_tokens"] for r in train_rows)
+    assert sorted(lengths["by_task"]["gsm8k"]["prompt"]) == sorted(
+        r["prompt_tokens"] for r in train_rows if r["task"] == "gsm8k")
+    assert len(lengths["output"]) == 10 and all(0 < n <= 24 for n in lengths["output"])
+    assert data["histograms"]["bin_edges"] == HISTOGRAM_EDGES
+    assert sum(data["histograms"]["prompt"]["all"]) == 10 and sum(data["histograms"]["output"]["gsm8k"]) == 5
+    assert set(card["files"]) >= {"config.json", "model.safetensors", "tokenizer.json", "target_token_ids.json"}
+    assert not (out / "checkpoint.pt").exists()
+
+    # Unchanged inputs: reused, nothing rebuilt.
+    messages.clear()
+    assert distill(config, "narrow", rows=rows, progress=messages.append) == out
+    assert all("up to date" in m for m in messages), messages
+    assert read_card(out)["created"] == card["created"]
+
+
+def test_card_hashes_detect_changed_inputs_and_files(cpu_config, target_dir, tmp_path):
+    from drafters.card import inputs_hash, write_card
+
+    directory = tmp_path / "d"
+    directory.mkdir()
+    (directory / "model.safetensors").write_bytes(b"weights")
+    parts = {"recipe": Recipe().model_dump(mode="json"), "prompts": [["gsm8k:1", "abc", 128, False]]}
+    write_card(directory, {"name": "d", "inputs_hash": inputs_hash(parts)})
+    assert (directory / CARD_FILE).exists()
+    assert card_problem(directory, inputs_hash(parts)) is None
+
+    changed_recipe = {**parts, "recipe": Recipe(learning_rate=1e-4).model_dump(mode="json")}
+    changed_prompt = {**parts, "prompts": [["gsm8k:1", "abd", 128, False]]}
+    for changed in (changed_recipe, changed_prompt):
+        assert inputs_hash(changed) != inputs_hash(parts)
+        assert "inputs changed" in card_problem(directory, inputs_hash(changed))
+
+    (directory / "model.safetensors").write_bytes(b"weightz")
+    assert "files do not match" in card_problem(directory, inputs_hash(parts))
