@@ -166,8 +166,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
                                         sock_read=settings.read_timeout_s)
         # No connection cap: the arms queue requests themselves, and a cap
-        # here would turn load into pool waits misread as arm latency.
-        connector = aiohttp.TCPConnector(limit=0)
+        # here would turn load into pool waits misread as arm latency. Idle
+        # connections are dropped before vLLM's uvicorn drops them (5 s), so a
+        # request never goes out on a connection the server is closing.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as client:
             gateway.client = client
             discovery = asyncio.create_task(gateway.discover_served_models())
