@@ -99,6 +99,8 @@ def make_scheduler(environment) -> Scheduler:
     from loadgen.workload import read_workload
 
     options = environment.parsed_options
+    if not environment.host:
+        raise ValueError("no --host: give the gateway's base URL")
     rows = read_workload(options.workload, split=options.split)
     arms = [a.strip() for a in options.arms.split(",") if a.strip()] or list_arms(environment.host)
     steps = steps_for(options.shape, options.concurrency, options.rate, options.sweep)
@@ -148,13 +150,14 @@ class SpecdriftShape(LoadTestShape):
         generators = max(1, self.runner.worker_count) if isinstance(self.runner, MasterRunner) else 1
         users = self.scheduler.demand(generators)
         if users is None:
-            if self.scheduler.abandoned:
-                log.warning("specdrift: %d requests were still in flight at a hard stop", self.scheduler.abandoned)
-            if isinstance(self.runner, MasterRunner):
-                # workers report stats every 3 s: wait for the report covering the last requests
-                self.finished_at = self.finished_at or time.monotonic()
-                if self.last_tick and time.monotonic() - self.finished_at < STATS_GRACE_S:
-                    return self.last_tick
+            if self.finished_at is None:
+                self.finished_at = time.monotonic()
+                if self.scheduler.abandoned:
+                    log.warning("specdrift: %d requests were still in flight at a hard stop", self.scheduler.abandoned)
+            # workers report stats every 3 s: wait for the report covering the last requests
+            if (isinstance(self.runner, MasterRunner) and self.last_tick
+                    and time.monotonic() - self.finished_at < STATS_GRACE_S):
+                return self.last_tick
             return None
         self.last_tick = (users, users)
         return self.last_tick
