@@ -113,17 +113,23 @@ def _open(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.done():  # the waiting request was cancelled meanwhile
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+def _resolve_all(done: list[tuple[asyncio.Future, BaseException | None]]) -> None:
+    for future, error in done:
+        if future.done():  # the waiting request was cancelled meanwhile
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 class RecordStore:
-    """Appends records from the event loop; one writer thread owns the connection."""
+    """Appends records from the event loop; one writer thread owns the connection.
+
+    The writer needs the GIL, which a busy event loop holds, so it is kept to
+    few acquisitions per batch: rows are built by the caller, the batch is
+    inserted with one executemany and one commit (SQLite runs without the
+    GIL), and the waiting requests are woken with one callback."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -145,12 +151,12 @@ class RecordStore:
         """Queue `record` and return once it is committed."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put((record, loop, future))
+        self._queue.put((_row(record), loop, future))
         await future
 
     def write_nowait(self, record: dict[str, Any]) -> None:
         """Queue `record` without waiting (nobody is left to acknowledge)."""
-        self._queue.put((record, None, None))
+        self._queue.put((_row(record), None, None))
 
     def close(self) -> None:
         """Commit everything queued so far, then stop the writer."""
@@ -182,7 +188,7 @@ class RecordStore:
         conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list) -> None:
-        rows = [tuple(record.get(c) for c in COLUMNS) for record, _, _ in batch]
+        rows = [row for row, _, _ in batch]
         try:
             with conn:  # one transaction for the whole batch
                 conn.executemany(_INSERT, rows)
@@ -190,16 +196,17 @@ class RecordStore:
         except sqlite3.Error:
             # One bad row must not sink the others: retry them one by one.
             errors = [self._insert_one(conn, row) for row in rows]
+        self.failed += sum(error is not None for error in errors)
+        self.written += len(batch) - sum(error is not None for error in errors)
+        waiting: dict[asyncio.AbstractEventLoop, list] = {}
         for (_, loop, future), error in zip(batch, errors):
-            if error is None:
-                self.written += 1
-            else:
-                self.failed += 1
             if future is not None:
-                try:
-                    loop.call_soon_threadsafe(_resolve, future, error)
-                except RuntimeError:  # that event loop is closed: nobody waits any more
-                    pass
+                waiting.setdefault(loop, []).append((future, error))
+        for loop, done in waiting.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_all, done)
+            except RuntimeError:  # that event loop is closed: nobody waits any more
+                pass
 
     def _insert_one(self, conn: sqlite3.Connection, row: tuple) -> BaseException | None:
         try:
@@ -209,6 +216,10 @@ class RecordStore:
             log.error("could not write record %s to %s: %s", row[0], self.path, err)
             return RecordStoreError(str(err))
         return None
+
+
+def _row(record: dict[str, Any]) -> tuple:
+    return tuple(record.get(column) for column in COLUMNS)
 
 
 def read_records(path: str | Path, run_id: str | None = None) -> list[dict[str, Any]]:

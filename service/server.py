@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from service.settings import GatewaySettings
@@ -17,6 +18,10 @@ def run(settings: GatewaySettings) -> None:
 
     from service.app import create_app
 
+    # The record writer thread waits for the GIL while the event loop is busy;
+    # a request's last bytes wait for that writer. 0.5 ms instead of Python's
+    # 5 ms bounds each such wait.
+    sys.setswitchinterval(0.0005)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
                 access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s, log_level="info")
 
