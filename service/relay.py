@@ -156,7 +156,10 @@ class Relay(Response):
             replica.outstanding -= 1
             # Closing (rather than releasing) a connection mid-stream is what
             # tells vLLM to abort the request.
-            upstream.release() if reusable else upstream.close()
+            if reusable:
+                upstream.release()
+            else:
+                upstream.close()
         if failure is not None:
             await self._fail(send, failure)
 
