@@ -53,13 +53,19 @@ def variable_source(variable: dict) -> tuple[str, str]:
     return match["selector"].strip(), match["label"]
 
 
+def grafana_regex_escape(value: str) -> str:
+    """As Grafana escapes a value for a Prometheus regex matcher: the regex
+    metacharacters get a backslash, itself escaped inside the PromQL string."""
+    return re.sub(r"([\\^$*+?.()|\[\]{}])", r"\\\\\1", value)
+
+
 def substitute(text: str, values: dict[str, list[str]]) -> str:
     """Variables as Grafana writes them into a Prometheus query: one value
     regex-escaped, several as (a|b)."""
 
     def replace(match: re.Match) -> str:
         name = next(g for g in match.groups() if g)
-        chosen = [re.escape(v) for v in values[name]]
+        chosen = [grafana_regex_escape(v) for v in values[name]]
         return chosen[0] if len(chosen) == 1 else "(" + "|".join(chosen) + ")"
 
     return VARIABLE_USE.sub(replace, text)
