@@ -245,6 +245,8 @@ def test_references_between_services_resolve(name, example_env):
                 continue
             if condition["condition"] == "service_healthy":
                 assert "healthcheck" in services[dependency], f"{dependency} has no healthcheck"
+        if service.get("image", "").startswith("specdrift:"):
+            assert service["build"] == {"context": "..", "dockerfile": "Dockerfile"}, f"{service_name} would pull"
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             if source.startswith("./") or source.startswith("../") and "/shared/" not in source:
