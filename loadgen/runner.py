@@ -220,7 +220,7 @@ def expected_requests(regime: LoadRegime, n_prompts: int, n_arm_slots: int) -> i
 
 
 def locust_command(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, run: RunDir, run_id: str,
-                   arms: list[str]) -> list[str]:
+                   arms: list[str], max_requests: int) -> list[str]:
     from loadgen.shapes import locust_shape_options
 
     return [
@@ -230,7 +230,7 @@ def locust_command(config: ExperimentConfig, regime: LoadRegime, gateway_url: st
         "--workload", str(run.workload), "--split", "eval",
         "--arms", ",".join(arms),
         "--run-id", run_id, "--regime-label", regime.label,
-        "--max-requests", str(regime.max_requests),
+        "--max-requests", str(max_requests),
         "--run-time", f"{int(regime.max_seconds)}s",
         "--block-seconds", f"{regime.block_seconds:g}",
         "--skip-done", str(run.records),
@@ -243,10 +243,18 @@ def run_phase(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, ru
     live = [a for a in arm_children if a not in state.dead_arms]
     arms = phase_arms(config, regime, live)
     expected = expected_requests(regime, n_prompts, len(arms))
-    cmd = locust_command(config, regime, gateway_url, run, state.run_id, arms)
+    # max_requests bounds the phase, an interrupted part included: a resumed
+    # phase sends only what is left (and --skip-done skips pairs already answered).
+    sent_before, _ = count_records(run.records, state.run_id, regime.label)
+    left = max(0, regime.max_requests - sent_before)
+    state.phases[regime.label] = {"status": "running", "started": time.time(), "arms": arms}
+    if left == 0:
+        progress(f"phase {regime.label}: its {regime.max_requests} requests were sent before the interruption")
+        finish_phase(run, state, regime.label)
+        return
+    cmd = locust_command(config, regime, gateway_url, run, state.run_id, arms, left)
     log_path = run.logs / f"locust-{regime.label}.log"
     progress(f"phase {regime.label}: arms {', '.join(arms)}; up to {expected} requests, {regime.max_seconds:.0f}s")
-    state.phases[regime.label] = {"status": "running", "started": time.time(), "arms": arms}
     state.save(run.state)
     started = time.monotonic()
     child = start_child(f"locust {regime.label}", cmd, log_path)
@@ -266,7 +274,12 @@ def run_phase(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, ru
     if child.proc.returncode not in (0, 1):  # locust exits 1 when any request failed
         raise RunError(f"Locust failed in phase {regime.label} (exit {child.proc.returncode}); "
                        f"last lines of {log_path}:\n{log_tail(log_path)}")
-    state.phases[regime.label].update(status="done", ended=time.time(), requests=done, errors=errors)
+    finish_phase(run, state, regime.label)
+
+
+def finish_phase(run: RunDir, state: RunState, label: str) -> None:
+    done, errors = count_records(run.records, state.run_id, label)
+    state.phases[label].update(status="done", ended=time.time(), requests=done, errors=errors)
     state.save(run.state)
 
 

@@ -100,11 +100,15 @@ def test_run_directory_is_complete(finished_run):
 
 
 def test_resume_did_not_duplicate(finished_run):
-    rows = [r for r in records(finished_run["dir"]) if r["status"] == "ok"]
+    everything = records(finished_run["dir"])
+    rows = [r for r in everything if r["status"] == "ok"]
     assert len(finished_run["interrupted"]) >= 4
     seq = Counter((r["prompt_id"], r["arm"]) for r in rows if r["regime"] == "sequential")
-    # The baseline goes twice per prompt (its agreement with itself), every other arm once.
-    assert seq and all(n == (2 if arm == "baseline" else 1) for (prompt, arm), n in seq.items()), seq
+    # The baseline goes twice per prompt (its agreement with itself), every other arm once; the
+    # phase's max_requests (30 of 12 prompts x 3) may cut the last prompt short, never repeat one.
+    assert seq and all(n <= (2 if arm == "baseline" else 1) for (prompt, arm), n in seq.items()), seq
+    # max_requests bounds what the phase sent across the interruption (a request cut by it is recorded too).
+    assert sum(r["regime"] == "sequential" for r in everything) == 30
     state = json.loads((finished_run["dir"] / "state.json").read_text())
     assert {p: v["status"] for p, v in state["phases"].items()} == {"sequential": "done", "concurrency-2": "done"}
 

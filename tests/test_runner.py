@@ -1,0 +1,70 @@
+"""The runner's bookkeeping, without servers: run directories, resume checks, phases, progress."""
+
+import json
+import sqlite3
+
+import pytest
+
+from loadgen.runner import (RunError, RunState, count_records, expected_requests, open_run_dir, phase_arms,
+                            progress_line)
+from specdrift.config import LoadRegime, parse_config
+
+
+def config(tmp_path, **extra):
+    data = {"name": "t", "target": {"name": "tiny"},
+            "arms": [{"name": "baseline"}, {"name": "ngram", "speculative": {"method": "ngram", "num_speculative_tokens": 3}}],
+            **extra}
+    return parse_config(data, tmp_path / "exp.yaml")
+
+
+def test_sequential_sends_the_baseline_twice_load_does_not(tmp_path):
+    c = config(tmp_path)
+    assert phase_arms(c, LoadRegime(kind="sequential"), ["baseline", "ngram"]) == ["baseline", "ngram", "baseline"]
+    assert phase_arms(c, LoadRegime(kind="concurrency", users=4), ["baseline", "ngram"]) == ["baseline", "ngram"]
+    assert phase_arms(c, LoadRegime(kind="sequential"), ["ngram"]) == ["ngram"]  # baseline died
+
+
+def test_expected_requests_is_bounded():
+    assert expected_requests(LoadRegime(kind="sequential", max_requests=100), 12, 3) == 36
+    assert expected_requests(LoadRegime(kind="sequential", max_requests=30), 12, 3) == 30
+    assert expected_requests(LoadRegime(kind="poisson", rate=1, max_requests=50), 12, 2) == 50
+
+
+def test_progress_line_has_counts_and_eta():
+    assert progress_line("sequential", 10, 1, 40, 20.0) == \
+        "phase sequential: 10/40 requests, 1 errors, 20s elapsed, ETA 1m00s"
+    assert progress_line("sequential", 0, 0, 40, 1.0).endswith("ETA -")
+
+
+def test_new_run_dir_then_resume_checks(tmp_path):
+    c = config(tmp_path)
+    run, state = open_run_dir(c, tmp_path / "r1", resume=False)
+    assert state.run_id == "r1" and run.state.exists() and run.config.exists()
+    with pytest.raises(RunError, match="already holds a run"):
+        open_run_dir(c, tmp_path / "r1", resume=False)
+    run2, state2 = open_run_dir(c, tmp_path / "r1", resume=True)
+    assert state2.run_id == "r1"
+    changed = config(tmp_path, temperature=0.5)
+    with pytest.raises(RunError, match="config differs"):
+        open_run_dir(changed, tmp_path / "r1", resume=True)
+    with pytest.raises(RunError, match="not a specdrift run directory"):
+        open_run_dir(c, tmp_path / "nothing", resume=True)
+
+
+def test_state_round_trip(tmp_path):
+    state = RunState(run_id="x", phases={"sequential": {"status": "done"}}, dead_arms={"ngram": "exited"})
+    state.save(tmp_path / "state.json")
+    again = RunState.load(tmp_path / "state.json")
+    assert (again.run_id, again.phases, again.dead_arms) == ("x", state.phases, state.dead_arms)
+    assert json.loads((tmp_path / "state.json").read_text())["run_id"] == "x"
+
+
+def test_count_records_per_phase(tmp_path):
+    db = tmp_path / "records.sqlite"
+    assert count_records(db, "r", "sequential") == (0, 0)
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE requests (run_id TEXT, regime TEXT, status TEXT)")
+        conn.executemany("INSERT INTO requests VALUES (?, ?, ?)", [
+            ("r", "sequential", "ok"), ("r", "sequential", "upstream_unavailable"), ("r", "poisson-1", "ok"),
+            ("other", "sequential", "ok")])
+    assert count_records(db, "r", "sequential") == (2, 1)
