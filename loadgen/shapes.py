@@ -177,7 +177,8 @@ class Scheduler:
 
     `rows` are workload rows (id, task, stratum, messages, max_tokens).
     `done` counts (regime label, prompt id, arm) already recorded, so that a
-    resumed run skips them. `clock` is monotonic seconds (a test may pass its own).
+    resumed run skips them in rotate order (under blocks, prompts are not
+    paired with arms in advance; the caller lowers `max_requests` instead). `clock` is monotonic seconds (a test may pass its own).
     """
 
     def __init__(self, rows: list[dict], arms: list[str], steps: list[Step], *, arm_order: str | None = None,
@@ -246,11 +247,7 @@ class Scheduler:
         regime = self.regime_of(step)
         deadline = min(self.run_deadline, now + step.max_seconds if step.max_seconds else math.inf)
         limit = min(self.max_requests - self.issued_total, step.max_requests or math.inf)
-        if self.order_of(step) == ROTATE:
-            jobs = self._rotated(regime)
-        else:
-            jobs = self._cycled()
-            limit -= sum(n for (r, _, _), n in self.done.items() if r == regime)
+        jobs = self._rotated(regime) if self.order_of(step) == ROTATE else self._cycled()
         self.state = StepState(step, now, deadline, max(0, limit), jobs)
         if step.open_loop:
             self.state.next_arrival = now + self.rng.expovariate(step.rate)
