@@ -18,11 +18,12 @@ the last message (chat), e.g. "fake:tokens=5 fake:die_after=2":
 | die_after=K | drop the connection after K chunks |
 | error_after=K | after K chunks send a vLLM-style error event |
 | status=S | answer HTTP S with an OpenAI error body instead |
+| hangup=1 | drop the connection without answering |
 | nodone=1 | end the stream without `[DONE]` |
 | badjson=1 | send an event that is not JSON |
 
-`GET /stats` counts requests started, completed and aborted by the client
-(a closed connection mid-stream). `GET /v1/models` lists `--served-model`.
+`GET /stats` counts requests started, completed, aborted by the client (a
+closed connection mid-stream) and hung up on. `GET /v1/models` lists `--served-model`.
 
 Run: python benchmarks/fake_upstream.py --port 9001 [--spec-tokens 3]
 """
@@ -43,7 +44,7 @@ class FakeUpstream:
     def __init__(self, served_models: list[str], spec_tokens: int):
         self.served_models = served_models
         self.spec_tokens = spec_tokens
-        self.stats = {"started": 0, "completed": 0, "aborted": 0, "active": 0}
+        self.stats = {"started": 0, "completed": 0, "aborted": 0, "active": 0, "hung_up": 0}
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -88,6 +89,10 @@ class FakeUpstream:
         options = {k: int(v) for k, v in DIRECTIVE.findall(text if isinstance(text, str) else "")}
         if "status" in options:
             return self.reply_json(writer, options["status"], error("fake upstream refused", options["status"]))
+        if options.get("hangup"):
+            self.stats["hung_up"] += 1
+            writer.transport.abort()
+            return False
         self.stats["started"] += 1
         self.stats["active"] += 1
         try:

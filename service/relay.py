@@ -164,37 +164,48 @@ class Relay(Response):
             await self._fail(send, failure)
 
     async def _open(self) -> tuple[Replica, aiohttp.ClientResponse]:
-        """Send the request to the least busy replica; on a refused connection, try the next."""
+        """Send the request to the least busy replica; if it cannot be reached, try the next.
+
+        A connection that breaks before any answer counts as unreachable too,
+        after one retry on a fresh connection: a pooled connection may have
+        been closed by the arm a moment earlier, and a dying arm may still
+        accept connections for a moment without answering them."""
         gateway, info = self.gateway, self.measurement.info
+        url_path = UPSTREAM_PATH[info.endpoint]
         headers = {"content-type": "application/json", "accept-encoding": "identity",
                    "x-request-id": info.request_id}
         last_error = "no replica"
         for replica in self.arm.by_preference():
             self.payload["model"] = replica.served_model or self.arm.name
-            replica.outstanding += 1
-            try:
-                response = await gateway.client.post(replica.url + UPSTREAM_PATH[info.endpoint],
-                                                     data=json.dumps(self.payload).encode(), headers=headers)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as err:
-                replica.outstanding -= 1
-                replica.refused()
-                last_error = f"{replica.url}: {type(err).__name__}: {err}"
-                continue
-            except asyncio.TimeoutError as err:
-                replica.outstanding -= 1
+            body = json.dumps(self.payload).encode()
+            for attempt in (1, 2):
+                replica.outstanding += 1
+                try:
+                    response = await gateway.client.post(replica.url + url_path, data=body, headers=headers)
+                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
+                        aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
+                    replica.outstanding -= 1
+                    last_error = f"{replica.url}: {type(err).__name__}: {err}"
+                    if attempt == 1 and not isinstance(err, (aiohttp.ClientConnectorError,
+                                                             aiohttp.ConnectionTimeoutError)):
+                        continue
+                    replica.refused()
+                    break
+                except asyncio.TimeoutError as err:
+                    replica.outstanding -= 1
+                    self.measurement.upstream = replica.url
+                    raise UpstreamFailure("upstream_timeout", 504, f"arm {self.arm.name!r} did not answer within "
+                                          f"{gateway.settings.read_timeout_s:g}s ({type(err).__name__})") from None
+                except aiohttp.ClientError as err:
+                    replica.outstanding -= 1
+                    self.measurement.upstream = replica.url
+                    raise UpstreamFailure("upstream_died", 502, f"arm {self.arm.name!r} failed: "
+                                          f"{type(err).__name__}: {err}") from None
+                except BaseException:
+                    replica.outstanding -= 1
+                    raise
                 self.measurement.upstream = replica.url
-                raise UpstreamFailure("upstream_timeout", 504, f"arm {self.arm.name!r} did not answer within "
-                                      f"{gateway.settings.read_timeout_s:g}s ({type(err).__name__})") from None
-            except aiohttp.ClientError as err:
-                replica.outstanding -= 1
-                self.measurement.upstream = replica.url
-                raise UpstreamFailure("upstream_died", 502, f"arm {self.arm.name!r} failed: "
-                                      f"{type(err).__name__}: {err}") from None
-            except BaseException:
-                replica.outstanding -= 1
-                raise
-            self.measurement.upstream = replica.url
-            return replica, response
+                return replica, response
         raise UpstreamFailure("upstream_unavailable", 503, f"arm {self.arm.name!r} is unreachable ({last_error})")
 
     async def _pump(self, send, chunks) -> UpstreamFailure | None:

@@ -267,6 +267,16 @@ def test_arm_down_is_503_and_recorded(gateway):
     assert (record["status"], record["http_status"], record["upstream"]) == ("upstream_unavailable", 503, None)
 
 
+def test_arm_hanging_up_without_an_answer_is_retried_once_then_503(gateway):
+    run = run_tag()
+    before = httpx.get(gateway["fake"] + "/stats").json()["hung_up"]
+    response = post(gateway["url"], "/v1/completions", {"model": "fake", "prompt": "fake:hangup=1"}, run)
+    assert response.status_code == 503 and response.json()["error"]["type"] == "upstream_unavailable"
+    assert httpx.get(gateway["fake"] + "/stats").json()["hung_up"] == before + 2
+    [record] = read_records(gateway["records"], run)
+    assert record["status"] == "upstream_unavailable" and "ServerDisconnectedError" in record["error"]
+
+
 @pytest.mark.parametrize("status", [400, 500])
 def test_arm_refusals_pass_through_with_their_status(gateway, status):
     run = run_tag()
