@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -29,8 +28,6 @@ from service.upstreams import Arm, Replica
 
 if TYPE_CHECKING:
     from service.app import Gateway
-
-log = logging.getLogger(__name__)
 
 UPSTREAM_PATH = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 DONE = b"[DONE]"
