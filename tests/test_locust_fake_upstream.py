@@ -149,8 +149,12 @@ def test_poisson_arrivals_are_exponential_at_the_rate(workload, tmp_path):
     times = sorted(a["t"] for a in fake.arrivals)
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert len(times) == n == e2e_requests(tmp_path / "p")
-    assert stats.kstest(gaps, "expon", args=(0, 1 / rate)).pvalue > 0.01
-    assert abs((n - 1) / (times[-1] - times[0]) - rate) < 0.25 * rate
+    # The schedule is seeded, so only timing jitter varies between runs; a
+    # fixed interval, or arrivals gated by completions, fail this by far.
+    ks = stats.kstest(gaps, "expon", args=(0, 1 / rate))
+    measured = (n - 1) / (times[-1] - times[0])
+    assert ks.pvalue > 0.001, f"KS {ks.statistic:.3f} (p={ks.pvalue:.2g}) against Exp(rate {rate}), measured {measured:.1f}/s"
+    assert abs(measured - rate) < 0.2 * rate, f"measured {measured:.1f}/s"
     assert fake.max_in_flight > 1  # open loop: requests overlapped
     assert {a["X-Specdrift-Regime"] for a in fake.arrivals} == {"poisson-20"}
 
