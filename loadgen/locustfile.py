@@ -42,7 +42,9 @@ ASK, JOB, DONE = "specdrift_ask", "specdrift_job", "specdrift_done"
 IDLE_POLL_S = 0.2  # how often an idle user asks again
 ASK_TIMEOUT_S = 30.0
 DEFAULT_RUN_SECONDS = 600.0
-STATS_GRACE_S = 4.0  # > Locust's 3 s worker report interval: the last stats reach the master
+# Locust rewrites --csv files every 1 s and workers report every 3 s, with no
+# last write at the end: the run outlasts its last request by this much.
+STATS_GRACE_S = 4.0
 
 
 @events.init_command_line_parser.add_listener
@@ -154,10 +156,8 @@ class SpecdriftShape(LoadTestShape):
                 self.finished_at = time.monotonic()
                 if self.scheduler.abandoned:
                     log.warning("specdrift: %d requests were still in flight at a hard stop", self.scheduler.abandoned)
-            # workers report stats every 3 s: wait for the report covering the last requests
-            if (isinstance(self.runner, MasterRunner) and self.last_tick
-                    and time.monotonic() - self.finished_at < STATS_GRACE_S):
-                return self.last_tick
+            if self.last_tick and time.monotonic() - self.finished_at < STATS_GRACE_S:
+                return self.last_tick  # idle users while the statistics catch up
             return None
         self.last_tick = (users, users)
         return self.last_tick
