@@ -185,8 +185,9 @@ def count_records(db: Path, run_id: str, regime: str) -> tuple[int, int]:
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
             row = conn.execute(
-                "SELECT COUNT(*), SUM(status != 'ok') FROM requests WHERE run_id = ? AND regime = ?",
-                (run_id, regime)).fetchone()
+                # A sweep's steps are recorded as '<label>.<step>'.
+                "SELECT COUNT(*), SUM(status != 'ok') FROM requests WHERE run_id = ? AND (regime = ? OR regime LIKE ?)",
+                (run_id, regime, regime + ".%")).fetchone()
     except sqlite3.Error:
         return 0, 0
     return int(row[0] or 0), int(row[1] or 0)

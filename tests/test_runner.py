@@ -66,5 +66,6 @@ def test_count_records_per_phase(tmp_path):
         conn.execute("CREATE TABLE requests (run_id TEXT, regime TEXT, status TEXT)")
         conn.executemany("INSERT INTO requests VALUES (?, ?, ?)", [
             ("r", "sequential", "ok"), ("r", "sequential", "upstream_unavailable"), ("r", "poisson-1", "ok"),
-            ("other", "sequential", "ok")])
+            ("other", "sequential", "ok"), ("r", "sweep.concurrency-2", "ok"), ("r", "sweep.poisson-1", "ok")])
     assert count_records(db, "r", "sequential") == (2, 1)
+    assert count_records(db, "r", "sweep") == (2, 0)
