@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from specdrift.config import LoadRegime
+from specdrift.config import LoadRegime, regime_label
 
 STEP_KINDS = ("sequential", "concurrency", "poisson")
 SHAPES = (*STEP_KINDS, "sweep")
@@ -70,12 +70,7 @@ class Step:
 
     @property
     def label(self) -> str:
-        """The regime label, as LoadRegime.label writes it."""
-        if self.kind == "concurrency":
-            return f"concurrency-{self.users}"
-        if self.kind == "poisson":
-            return f"poisson-{self.rate:g}"
-        return self.kind
+        return regime_label(self.kind, self.users, self.rate)
 
 
 STEP_PATTERN = re.compile(

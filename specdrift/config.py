@@ -201,11 +201,16 @@ class LoadRegime(StrictModel):
 
     @property
     def label(self) -> str:
-        if self.kind == "concurrency":
-            return f"concurrency-{self.users}"
-        if self.kind == "poisson":
-            return f"poisson-{self.rate:g}"
-        return self.kind
+        return regime_label(self.kind, self.users, self.rate)
+
+
+def regime_label(kind: str, users: int | None, rate: float | None) -> str:
+    """The regime's name in records and reports: 'sequential', 'concurrency-4', 'poisson-0.5'."""
+    if kind == "concurrency":
+        return f"concurrency-{users}"
+    if kind == "poisson":
+        return f"poisson-{rate:g}"
+    return kind
 
 
 class ExperimentConfig(StrictModel):
