@@ -112,10 +112,10 @@ def distillation_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprob
 
 @torch.no_grad()
 def agreement(model, examples: list[Example], pad_id: int, device: torch.device,
-              batch_tokens: int) -> list[torch.Tensor]:
-    """Per example: whether the drafter's top-1 equals the target's greedy token, per response position."""
+              batch_tokens: int) -> list[tuple[str, torch.Tensor]]:
+    """Per example: (task, whether the drafter's top-1 equals the target's greedy token at each response position)."""
     model.eval()
-    hits: list[torch.Tensor] = []
+    hits: list[tuple[str, torch.Tensor]] = []
     for batch in batches(examples, batch_tokens, random.Random(0)):
         ids, mask, rows, cols, topk_ids, _ = _collate(batch, pad_id, device)
         predicted = _scored_logits(model, ids, mask, rows, cols).argmax(-1)
@@ -147,8 +147,8 @@ def simulated_tau(hits: list[torch.Tensor], k: int) -> float:
 
 def summarize_hits(hits: list[tuple[str, torch.Tensor]]) -> dict:
     """Top-1 agreement and simulated τ (K = 1..3), overall and per task."""
-    def figures(selected):
-        correct = torch.cat([h for h in selected]) if selected else torch.zeros(0)
+    def figures(selected: list[torch.Tensor]):
+        correct = torch.cat(selected) if selected else torch.zeros(0)
         return {"top1_agreement": round(correct.float().mean().item(), 4) if len(correct) else None,
                 "tokens": int(len(correct)),
                 **{f"simulated_tau_k{k}": round(simulated_tau(selected, k), 3) for k in (1, 2, 3)}}
