@@ -64,6 +64,7 @@ def e2e_config(cpu_config):
     config.workload.datasets = [DatasetSpec(adapter="gsm8k", max_tokens=24, limit=60),
                                 DatasetSpec(adapter="nq_rag", max_tokens=24, limit=60)]
     config.workload.n_per_cell = 2
+    config.workload.controls = []
     return config
 
 
