@@ -25,6 +25,11 @@ def register(subparsers) -> None:
     s.add_argument("--no-gateway", action="store_true", help="start the arms only")
     s.add_argument("--log-dir", help="folder for per-process logs (default: <cache>/logs/serve)")
     s.add_argument("--health-timeout", type=float, default=300, help="seconds to wait for each arm (default 300)")
+    s.add_argument("--run-id", action="append", default=[], metavar="ID",
+                   help="a run id clients send in X-Specdrift-Run, kept as a metrics label (repeatable; "
+                        "other values are counted as 'other')")
+    s.add_argument("--records", help="SQLite file for per-request records (default: gateway.records_path, "
+                                     "else <cache>/records.sqlite)")
     s.set_defaults(handler=serve_command)
 
     r = subparsers.add_parser("run", help="run the whole experiment and write the report")
@@ -87,7 +92,8 @@ def serve_command(args) -> int:
             from service.launch import start_gateway
 
             try:
-                url = start_gateway(config, upstreams, log_dir, stack)
+                url = start_gateway(config, upstreams, log_dir, stack, run_ids=args.run_id or None,
+                                    records_path=Path(args.records) if args.records else None)
             except StartupError as err:
                 print(f"specdrift serve: {err}", file=sys.stderr)
                 return 1
