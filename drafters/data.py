@@ -6,6 +6,7 @@ replays (and the benchmark measures) are never trained on.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -51,14 +52,23 @@ def select_prompts(rows: list[dict], tasks: list[str], recipe: Recipe, tokenizer
         task_rows = sorted(by_task[task], key=lambda r: r["id"])
         random.Random(f"{recipe.seed}:{task}").shuffle(task_rows)
         task_rows = task_rows[: recipe.max_prompts_per_task]
-        n_holdout = max(1, round(len(task_rows) * recipe.holdout_fraction))
-        for i, row in enumerate(task_rows):
+        # Held out by a hash of the row id, not by position: a prompt held out from a generic
+        # drafter stays held out from drafters fine-tuned from it, whatever their caps.
+        held = {r["id"] for r in task_rows if _unit_hash(recipe.seed, r["id"]) < recipe.holdout_fraction}
+        held = held or {min(task_rows, key=lambda r: _unit_hash(recipe.seed, r["id"]))["id"]}
+        for row in task_rows:
             ids = prompt_ids(tokenizer, row["messages"])
             if "prompt_tokens" in row and len(ids) != row["prompt_tokens"]:
                 raise RuntimeError(f"{row['id']}: {len(ids)} prompt tokens here but {row['prompt_tokens']} "
                                    "in the workload: the tokenizer or chat template differs")
-            chosen.append(TrainPrompt(row["id"], task, Request(row["id"], ids, row["max_tokens"]), i < n_holdout))
+            chosen.append(TrainPrompt(row["id"], task, Request(row["id"], ids, row["max_tokens"]), row["id"] in held))
     return chosen
+
+
+def _unit_hash(seed: int, row_id: str) -> float:
+    """A stable number in [0, 1) for a row."""
+    digest = hashlib.sha256(f"{seed}:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
