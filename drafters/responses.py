@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from specdrift.processes import Child
+
 log = logging.getLogger(__name__)
 
 # Prompts sent to vLLM per batch; each batch is appended to the cache when done.
@@ -82,7 +84,15 @@ def generate_responses(requests: list[Request], cache_file: Path, model_dir: Pat
         cmd = [sys.executable, "-m", "drafters.responses", "--model", str(model_dir), "--dtype", dtype,
                "--max-model-len", str(max_model_len), "--top-k", str(top_k),
                "--requests", str(todo), "--out", str(cache_file)]
-        subprocess.run(cmd, check=True, env={**os.environ, **env})
+        # Its own process group, stopped whole if we are interrupted: vLLM's
+        # engine and workers would otherwise outlive us and hold their memory.
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, start_new_session=True)
+        try:
+            returncode = proc.wait()
+        finally:
+            Child("target responses", proc, todo).stop()
+        if returncode != 0:
+            raise subprocess.CalledProcessError(returncode, cmd)
         todo.unlink()
     else:
         log.info("all %d target responses cached in %s", len(requests), cache_file)
