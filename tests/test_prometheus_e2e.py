@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 RUN_ID = "e2e"
 SCRAPE_S = 1
 LOCUST_LIMIT_S = 120
+LOCUST_DRAIN_S = 30
 
 
 def rule_series() -> list[tuple[str, dict]]:
@@ -95,7 +96,10 @@ def observed(real_arms, e2e_config, stack, tmp_path_factory, data_dir):
         sys.executable, "-m", "locust", "-f", str(REPO / "loadgen" / "locustfile.py"), "--headless", "--only-summary",
         "--host", gateway, "--workload", str(workload), "--arms", ",".join(real_arms), "--run-id", RUN_ID,
         "--shape", "sequential", "--max-requests", "40", "--run-time", f"{LOCUST_LIMIT_S}s",
-    ], capture_output=True, text=True, timeout=LOCUST_LIMIT_S + 90, cwd=folder)
+        "--drain-seconds", str(LOCUST_DRAIN_S),
+    ], capture_output=True, text=True, cwd=folder,
+        # Locust stops itself after run-time + drain; the rest is start-up slack for a loaded machine.
+        timeout=LOCUST_LIMIT_S + LOCUST_DRAIN_S + 240)
     assert locust.returncode == 0, locust.stderr[-3000:]
 
     # Two requests the arm refuses (a prompt beyond its context), one scrape
