@@ -7,9 +7,10 @@ A prompt that an arm answered more than once contributes the mean of its log
 ratios, so each prompt counts once. The baseline against itself pairs each
 prompt's second baseline request with its first.
 
-Under load the runner alternates arms in time blocks while cycling through
-the prompts, so two arms may share few prompts; `prompt_logs` gives the
-per-prompt units for an unpaired comparison then.
+Under load the runner alternates arms in time blocks; each arm walks the
+prompts in the same order, so arms share the prompts both reached before the
+bound. Where they share too few, `prompt_logs` gives the per-prompt units for
+an unpaired comparison.
 """
 
 from __future__ import annotations

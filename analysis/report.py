@@ -76,8 +76,8 @@ def _speedup_section(results: dict, figures: dict) -> list:
                         "prompts of baseline/arm, for TPOT (time per output token after the first) and for "
                         "end-to-end time; > 1 means the arm is faster. Intervals: 95% bootstrap (expanded "
                         "percentile) over prompts. The baseline's own row is its second run over its first: "
-                        "the noise floor. Where too few prompts were answered by both arms (under load the runner "
-                        "alternates arms in time blocks over different prompts), the row is 'unpaired': the ratio "
+                        "the noise floor. Where too few prompts were answered by both arms (under load, when a bound stops the "
+                        "arms' blocks at different points of the prompt list), the row is 'unpaired': the ratio "
                         "of geometric means within each (task, stratum), weighted by the arm's prompts.")]
     if "speedup.png" in figures:
         blocks.append(Figure(f"{FIGURES}/speedup.png", figures["speedup.png"]))

@@ -555,7 +555,7 @@ def compute_results(run: RunData) -> dict:
                        "regime that started nearest in time; per prompt the log ratios are averaged",
             "speedup": "geometric mean over prompts of reference/arm (TPOT, end-to-end time); > 1 = arm faster. "
                        "Paired by prompt when at least half of the arm's prompts (and 3) have a partner; otherwise "
-                       "(under load, arms alternate in time blocks over different prompts) the unpaired ratio of "
+                       "(under load, when a bound stops the arms' blocks at different points of the prompt list) the unpaired ratio of "
                        "geometric means, taken within each (task, stratum) and weighted by the arm's prompts, with a "
                        "bootstrap of each side (paired: false)",
             "alpha": "Leviathan alpha: maximum-likelihood per-token acceptance from the per-position counts "

@@ -71,8 +71,9 @@ def add_options(parser):
     group.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrival times")
     group.add_argument("--request-timeout", type=float, default=300.0, help="longest silence while streaming (s)")
     group.add_argument("--auth-token-env", default="", help="environment variable holding a bearer token")
-    group.add_argument("--skip-done", default="", help="gateway record store: skip (prompt, arm) pairs "
-                       "already recorded ok for this run id and regime (resume)")
+    group.add_argument("--skip-done", default="", help="gateway record store: skip what was already recorded ok "
+                       "for this run id and regime (resume): (prompt, arm) pairs in rotate order, each arm's "
+                       "first prompts under blocks")
 
 
 # --- the plan, on the master (or the only process) ----------------------------------

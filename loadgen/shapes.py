@@ -13,8 +13,10 @@ Arms are ordered in one of two ways:
   prompt to the next (A B C, then B C A, then C A B, ...), so that the arms
   are paired by prompt and by time. A step ends after one pass.
 - `blocks`: time is cut into blocks of `block_seconds` and all requests of a
-  block go to one arm (A B A B ...), prompts cycling in workload order; under
-  load this pairs arms in time, where rotating would mix arms within a batch.
+  block go to one arm (A B A B ...); under load this pairs arms in time, where
+  rotating would mix arms within a batch. Each arm keeps its own cursor through
+  the prompts (in workload order, cycling), so every arm is sent the same
+  prompts in the same order and the analysis can pair them by prompt.
 
 The default is `rotate` for sequential steps and `blocks` otherwise.
 
@@ -160,7 +162,8 @@ class StepState:
     started: float
     deadline: float  # no request starts after this
     limit: float  # most requests this step may send
-    jobs: Iterator[tuple[dict, str | None]]
+    jobs: Iterator[tuple[dict, str]] | None  # rotate order; None under blocks
+    cursors: dict[str, int] = field(default_factory=dict)  # blocks: each arm's next prompt
     issued: int = 0
     in_flight: set[int] = field(default_factory=set)
     next_arrival: float = 0.0
@@ -172,8 +175,9 @@ class Scheduler:
 
     `rows` are workload rows (id, task, stratum, messages, max_tokens).
     `done` counts (regime label, prompt id, arm) already recorded, so that a
-    resumed run skips them in rotate order (under blocks, prompts are not
-    paired with arms in advance; the caller lowers `max_requests` instead). `clock` is monotonic seconds (a test may pass its own).
+    resumed run skips them: in rotate order each done (prompt, arm) pair; under
+    blocks each arm's cursor starts past the requests it already has (the caller
+    also lowers `max_requests`). `clock` is monotonic seconds (a test may pass its own).
     """
 
     def __init__(self, rows: list[dict], arms: list[str], steps: list[Step], *, arm_order: str | None = None,
@@ -222,10 +226,12 @@ class Scheduler:
                     continue
                 yield row, arm
 
-    def _cycled(self) -> Iterator[tuple[dict, None]]:
-        while True:
-            for row in self.rows:
-                yield row, None
+    def _cursors(self, regime: str) -> dict[str, int]:
+        done = Counter()
+        for (r, _, arm), n in self.done.items():
+            if r == regime:
+                done[arm] += n
+        return {arm: done[arm] for arm in self.arms}
 
     def _block_arm(self, state: StepState, at: float) -> str:
         return self.arms[int((at - state.started) // self.block_seconds) % len(self.arms)]
@@ -242,8 +248,10 @@ class Scheduler:
         regime = self.regime_of(step)
         deadline = min(self.run_deadline, now + step.max_seconds if step.max_seconds else math.inf)
         limit = min(self.max_requests - self.issued_total, step.max_requests or math.inf)
-        jobs = self._rotated(regime) if self.order_of(step) == ROTATE else self._cycled()
-        self.state = StepState(step, now, deadline, max(0, limit), jobs)
+        if self.order_of(step) == ROTATE:
+            self.state = StepState(step, now, deadline, max(0, limit), self._rotated(regime))
+        else:
+            self.state = StepState(step, now, deadline, max(0, limit), None, self._cursors(regime))
         if step.open_loop:
             self.state.next_arrival = now + self.rng.expovariate(step.rate)
 
@@ -284,18 +292,20 @@ class Scheduler:
                 return None
         elif len(state.in_flight) >= state.step.users:
             return None
-        try:
-            row, arm = next(state.jobs)
-        except StopIteration:
-            state.exhausted = True
-            return None
+        if state.jobs is not None:
+            try:
+                row, arm = next(state.jobs)
+            except StopIteration:
+                state.exhausted = True
+                return None
+        else:
+            arm = self._block_arm(state, at if open_loop else now)
+            row = self.rows[state.cursors[arm] % len(self.rows)]
+            state.cursors[arm] += 1
         delay = 0.0
         if open_loop:
             delay = max(0.0, at - now)
             state.next_arrival = at + self.rng.expovariate(state.step.rate)
-            arm = arm or self._block_arm(state, at)
-        else:
-            arm = arm or self._block_arm(state, now)
         seq = self._next_seq
         self._next_seq += 1
         state.issued += 1

@@ -194,3 +194,31 @@ def test_shape_options_for_each_regime_kind():
     assert options == ["--shape", "sweep", "--sweep", "concurrency:2:60s:50r,poisson:0.5:90s:40r"]
     assert [s.label for s in steps_for("sweep", sweep=options[-1])] == ["concurrency-2", "poisson-0.5"]
     assert [s.label for s in steps_for("sweep", sweep=options[-1])] == [r.label for r in sweep.steps]
+
+
+def test_blocks_give_every_arm_the_same_prompts_in_the_same_order():
+    clock = Clock()
+    s = Scheduler(rows(5), ["a", "b"], [Step("concurrency", users=1)], block_seconds=10, max_requests=12,
+                  clock=clock)
+    sent = {"a": [], "b": []}
+    for _ in range(12):
+        job = s.next_job()
+        sent[job["arm"]].append(job["row"]["id"])
+        s.finished(job["seq"])
+        clock.now += 10 / 3 + 0.01  # three requests per block
+    assert sent["a"] == ["t:0", "t:1", "t:2", "t:3", "t:4", "t:0"]
+    assert sent["b"] == sent["a"]
+
+
+def test_blocks_resume_each_arm_past_what_it_already_sent():
+    clock = Clock()
+    done = Counter({("concurrency-1", "t:0", "a"): 1, ("concurrency-1", "t:1", "a"): 1,
+                    ("concurrency-1", "t:0", "b"): 1, ("other", "t:0", "b"): 5})
+    s = Scheduler(rows(5), ["a", "b"], [Step("concurrency", users=1)], block_seconds=10, max_requests=2,
+                  regime_label="concurrency-1", done=done, clock=clock)
+    first = s.next_job()
+    s.finished(first["seq"])
+    clock.now += 10
+    second = s.next_job()
+    assert (first["arm"], first["row"]["id"]) == ("a", "t:2")
+    assert (second["arm"], second["row"]["id"]) == ("b", "t:1")
