@@ -25,8 +25,7 @@ def register(subparsers) -> None:
 def build_command(args) -> int:
     from loadgen.datasets import DatasetError
     from loadgen.strata import StrataError
-    from loadgen.summary import plot_lengths, summary_markdown
-    from loadgen.workload import WorkloadError, build, sidecar, write_workload
+    from loadgen.workload import WorkloadError, build, save_built, sidecar
     from specdrift.config import load_config
 
     config = load_config(args.config)
@@ -35,12 +34,8 @@ def build_command(args) -> int:
     except (DatasetError, WorkloadError, StrataError, FileNotFoundError) as err:
         print(f"specdrift workload build: {err}", file=sys.stderr)
         return 1
-    out = write_workload(built.rows, args.out)
-    sidecar(out, "build.json").write_text(json.dumps(built.report, indent=1) + "\n")
-    summary = summary_markdown(built.rows, built.report)
-    sidecar(out, "summary.md").write_text(summary)
-    plot_lengths(built.report, sidecar(out, "lengths.png"))
-    print(summary)
+    out = save_built(built, args.out)
+    print(sidecar(out, "summary.md").read_text())
     splits = {s: sum(r["split"] == s for r in built.rows) for s in ("eval", "train")}
     print(f"wrote {out} ({splits['eval']} eval, {splits['train']} train rows), "
           f"{sidecar(out, 'summary.md')}, {sidecar(out, 'lengths.png')}, {sidecar(out, 'build.json')}")

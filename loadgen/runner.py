@@ -19,7 +19,7 @@ Run directory (`runs/<run id>/`):
 | `config.resolved.yaml` | the config as run, every default filled in |
 | `environment.json` | versions, CPU, model and drafter file hashes |
 | `state.json` | phases done, arms that died; what `--resume` reads |
-| `workload.jsonl` (+ summary) | the prompts, with split and stratum |
+| `workload.jsonl` (+ `.build.json`, `.summary.md`, `.lengths.png`) | the prompts, with split and stratum; the build report |
 | `records.sqlite` | one row per request (the gateway's records) |
 | `locust/<regime>_*.csv` | Locust's own statistics per phase |
 | `logs/` | one log per arm, the gateway, Prometheus and each Locust phase |
@@ -298,7 +298,7 @@ def note_dead_arms(arm_children: dict[str, Child], state: RunState, run: RunDir,
 def run_experiment(config: ExperimentConfig, out: Path | None = None, resume: bool = False,
                    arm_names: list[str] | None = None, progress=print) -> Path:
     from drafters.build import build_missing_drafters
-    from loadgen.workload import build, read_workload, sidecar, tag_vocabulary, write_workload
+    from loadgen.workload import build, read_workload, save_built, tag_vocabulary
     from service.launch import start_gateway
     from specdrift.arms import missing_inputs, start_arms
     from specdrift.models import prepare_target
@@ -320,10 +320,7 @@ def run_experiment(config: ExperimentConfig, out: Path | None = None, resume: bo
 
     progress("== workload")
     if not run.workload.exists():
-        built = build(config)
-        # The build report (every prompt's lengths per task) feeds the divergence tables.
-        sidecar(run.workload, "build.json").write_text(json.dumps(built.report, indent=1) + "\n")
-        write_workload(built.rows, run.workload)
+        save_built(build(config), run.workload)
     rows = read_workload(run.workload)
     n_eval = sum(1 for r in rows if r["split"] == "eval")
     progress(f"workload: {len(rows)} rows, {n_eval} eval prompts")

@@ -241,6 +241,19 @@ def write_workload(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
+def save_built(built: Built, path: str | Path) -> Path:
+    """The workload file and its sidecars: build.json (the build report, which
+    the divergence tables read), summary.md and lengths.png."""
+    from loadgen.summary import plot_lengths, summary_markdown
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar(path, "build.json").write_text(json.dumps(built.report, indent=1) + "\n")
+    sidecar(path, "summary.md").write_text(summary_markdown(built.rows, built.report))
+    plot_lengths(built.report, sidecar(path, "lengths.png"))
+    return write_workload(built.rows, path)  # last: its presence means the build is complete
+
+
 def read_workload(path: str | Path, split: str | None = None) -> list[dict]:
     """The rows of a workload file, optionally of one split only."""
     path = Path(path)
