@@ -153,9 +153,9 @@ def build(config: ExperimentConfig, tokenizer=None) -> Built:
         raise WorkloadError("workload.datasets is empty")
     if tokenizer is None:
         from loadgen.lengths import PromptTokenizer
-        from specdrift.paths import target_dir
+        from specdrift.paths import target_model_arg
 
-        tokenizer = PromptTokenizer(target_dir(config))
+        tokenizer = PromptTokenizer(target_model_arg(config))
 
     # 1. read, drop duplicates across and within datasets (first copy wins)
     kept, dataset_report = read_datasets(config)

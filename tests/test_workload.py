@@ -6,6 +6,8 @@ import json
 import random
 from collections import Counter, defaultdict
 
+import shutil
+
 import pytest
 from scipy import stats
 
@@ -207,3 +209,32 @@ def test_eval_rows_per_task_cover_its_strata(built):
         strata_by_task[r["task"]].add(r["stratum"])
     assert strata_by_task["xsum"] >= {"p64-256", "p256-1024", "p1024+"}
     assert strata_by_task["nq_open"] >= {"p0-64"}
+
+
+def test_prompt_tokenizer_reads_a_hub_name_from_the_local_cache_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not-a-real/model-name: no tokenizer in this directory or in the local HF cache"):
+        PromptTokenizer("not-a-real/model-name")
+    with pytest.raises(FileNotFoundError, match="no model directory"):
+        PromptTokenizer(tmp_path / "missing")
+
+
+def test_prompt_tokenizer_resolves_a_hub_name_from_a_mounted_cache(tmp_path, monkeypatch, target_dir):
+    # The layout huggingface_hub writes: hub/models--ORG--NAME/{refs/main, snapshots/REV/...}
+    repo = tmp_path / "hf" / "hub" / "models--someorg--smol-target"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "config.json"):
+        if (target_dir / name).exists():
+            shutil.copy(target_dir / name, snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert PromptTokenizer("someorg/smol-target").prompt_lengths([messages]) == \
+        PromptTokenizer(target_dir).prompt_lengths([messages])
