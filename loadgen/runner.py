@@ -4,7 +4,8 @@ directory holding everything the analysis needs.
 Phases: prepare models and drafters, build the workload, start every arm (all
 stay up, so that requests can be paired in time), start the gateway (and
 Prometheus where it is installed), replay the eval prompts under each load
-regime with Locust, then write the report.
+regime with Locust, time each draft model alone against the baseline for the
+cost ratio c (loadgen/cost.py, cost.json), then write the report.
 
 Pairing in time: in the sequential regime each prompt goes to every arm in a
 rotating order, with the baseline twice (its agreement with itself is the
@@ -21,6 +22,7 @@ Run directory (`runs/<run id>/`):
 | `state.json` | phases done, arms that died; what `--resume` reads |
 | `workload.jsonl` (+ `.build.json`, `.summary.md`, `.lengths.png`) | the prompts, with split and stratum; the build report |
 | `records.sqlite` | one row per request (the gateway's records) |
+| `cost.json` | the measured draft/target cost ratio c per draft-model arm |
 | `locust/<regime>_*.csv` | Locust's own statistics per phase |
 | `logs/` | one log per arm, the gateway, Prometheus and each Locust phase |
 | `drafters/<name>/drafter_card.json` | what each drafter learned from |
@@ -298,6 +300,7 @@ def note_dead_arms(arm_children: dict[str, Child], state: RunState, run: RunDir,
 def run_experiment(config: ExperimentConfig, out: Path | None = None, resume: bool = False,
                    arm_names: list[str] | None = None, progress=print) -> Path:
     from drafters.build import build_missing_drafters
+    from loadgen.cost import measure_costs
     from loadgen.workload import build, read_workload, save_built, tag_vocabulary
     from service.launch import start_gateway
     from specdrift.arms import missing_inputs, start_arms
@@ -340,6 +343,11 @@ def run_experiment(config: ExperimentConfig, out: Path | None = None, resume: bo
                 progress(f"phase {regime.label}: done earlier, skipped")
                 continue
             run_phase(config, regime, gateway_url, run, state, arm_children, n_eval, progress)
+        if config.baseline_arm in arm_children and config.baseline_arm not in state.dead_arms:
+            progress("== cost ratio c")
+            measure_costs(config, [n for n in arm_children if n not in state.dead_arms],
+                          upstreams[config.baseline_arm][0], [r for r in rows if r["split"] == "eval"],
+                          run.root / "cost.json", run.logs, progress)
 
     progress("== report")
     from analysis.report import write_report

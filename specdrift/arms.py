@@ -70,10 +70,11 @@ def engine_flags(engine_args: dict) -> list[str]:
 
 
 def vllm_command(config: ExperimentConfig, arm: ArmConfig, port: int,
-                 spec_metrics: str = "summary") -> list[str]:
+                 spec_metrics: str = "summary", model: str | None = None) -> list[str]:
+    """`model` serves another model (a drafter alone, to time it) with the target's settings."""
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", target_model_arg(config),
+        "--model", model or target_model_arg(config),
         "--served-model-name", arm.name,
         "--host", HOST,
         "--port", str(port),
@@ -103,7 +104,8 @@ def missing_inputs(config: ExperimentConfig, arm: ArmConfig) -> list[str]:
 
 
 def launch_arm(config: ExperimentConfig, arm: ArmConfig, port: int, log_dir: Path, stack: ProcessStack,
-               health_timeout_s: float = 300.0, spec_metrics: str = "summary") -> RunningArm:
+               health_timeout_s: float = 300.0, spec_metrics: str = "summary",
+               model: str | None = None) -> RunningArm:
     problems = missing_inputs(config, arm)
     if problems:
         raise StartupError(f"arm {arm.name!r} cannot start: " + "; ".join(problems))
@@ -111,7 +113,7 @@ def launch_arm(config: ExperimentConfig, arm: ArmConfig, port: int, log_dir: Pat
         raise StartupError(f"arm {arm.name!r}: port {port} on {HOST} is already in use")
     env_set = vllm_env(config)
     header = "\n".join(f"# env {k}={v}" for k, v in sorted(env_set.items()))
-    cmd = vllm_command(config, arm, port, spec_metrics)
+    cmd = vllm_command(config, arm, port, spec_metrics, model)
     log_path = log_dir / f"arm-{arm.name}.log"
     child = stack.add(start_child(f"arm {arm.name}", cmd, log_path, env={**os.environ, **env_set}, header=header))
     url = f"http://{HOST}:{port}"

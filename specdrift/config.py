@@ -175,6 +175,15 @@ class DrafterConfig(StrictModel):
     recipe: dict[str, Any] = Field(default_factory=dict)
 
 
+class CostConfig(StrictModel):
+    """Measuring the draft/target cost ratio c (loadgen/cost.py): each draft
+    model is served alone and timed against the baseline on `prompts` eval
+    prompts, `max_tokens` output tokens each. prompts: 0 skips it."""
+
+    prompts: int = Field(default=8, ge=0)
+    max_tokens: int = Field(default=32, ge=4)
+
+
 class LoadRegime(StrictModel):
     """A load pattern. sequential: one request at a time, every arm in rotating
     order; concurrency: N closed-loop users; poisson: open-loop arrivals at
@@ -225,6 +234,7 @@ class ExperimentConfig(StrictModel):
     drafters: list[DrafterConfig] = Field(default_factory=list)
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
     regimes: list[LoadRegime] = Field(default_factory=lambda: [LoadRegime(kind="sequential")])
+    cost: CostConfig = Field(default_factory=CostConfig)
     temperature: float = Field(default=0.0, ge=0)
 
     # Set by load_config: the file this came from, for resolving relative paths.

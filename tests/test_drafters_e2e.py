@@ -5,6 +5,8 @@ equal the baseline arm's, and responses must carry speculative statistics."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -60,3 +62,25 @@ def test_vllm_serves_the_distilled_drafter_losslessly(drafted_config, real_arms,
     assert all(s["num_draft_tokens"] > 0 for s in drafted_stats)
     assert all(1.0 <= s["mean_acceptance_length"] <= 3.0 for s in drafted_stats)
     assert sum(s["num_accepted_draft_tokens"] for s in drafted_stats) > 0
+
+
+def test_the_runner_measures_the_drafters_cost_ratio_against_the_baseline(drafted_config, real_arms, tmp_path):
+    from loadgen.cost import measure_costs
+    from loadgen.workload import build_workload
+
+    config = drafted_config.model_copy(deep=True)
+    config.cost.prompts, config.cost.max_tokens = 3, 16
+    distill(config, "generic")  # reused from the test above
+    eval_rows = [r for r in build_workload(config) if r["split"] == "eval"]
+    cost_path = tmp_path / "cost.json"
+    lines = []
+    measured = measure_costs(config, ["baseline", "drafted"], real_arms["baseline"], eval_rows, cost_path,
+                             tmp_path, progress=lines.append)
+    assert set(measured) == {"drafted"}, lines  # the baseline has no draft model
+    figures = measured["drafted"]
+    assert figures["n"] == 3 and "median over 3 eval prompts" in figures["method"]
+    # A 1-layer drafter with a 4k-token head decodes faster than the 30-layer target.
+    assert 0 < figures["draft_step_s"] < figures["target_step_s"]
+    assert 0 < figures["c"] < 1
+    assert json.loads(cost_path.read_text()) == {"arms": measured}
+    assert (tmp_path / "arm-drafted-draft-alone.log").exists()
