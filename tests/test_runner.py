@@ -69,3 +69,29 @@ def test_count_records_per_phase(tmp_path):
             ("other", "sequential", "ok"), ("r", "sweep.concurrency-2", "ok"), ("r", "sweep.poisson-1", "ok")])
     assert count_records(db, "r", "sequential") == (2, 1)
     assert count_records(db, "r", "sweep") == (2, 0)
+
+
+def test_only_local_draft_model_arms_have_a_draft_model_to_time(tmp_path):
+    from loadgen.cost import draft_model_path
+    from specdrift.paths import drafter_dir
+
+    c = parse_config({"name": "t", "target": {"name": "tiny"}, "cost": {"prompts": 0},
+                      "drafters": [{"name": "generic", "init": "target", "tasks": "all"}], "arms": [
+        {"name": "baseline"},
+        {"name": "ngram", "speculative": {"method": "ngram", "num_speculative_tokens": 3}},
+        {"name": "mine", "speculative": {"method": "draft_model", "drafter": "generic", "num_speculative_tokens": 2}},
+        {"name": "external", "speculative": {"method": "draft_model", "model": "/models/d", "num_speculative_tokens": 2}},
+        {"name": "remote", "upstreams": ["http://10.0.0.1:8000"],
+         "speculative": {"method": "draft_model", "model": "/models/d", "num_speculative_tokens": 2}},
+    ]}, tmp_path / "x.yaml")
+    paths = {a.name: draft_model_path(c, a) for a in c.arms}
+    assert paths == {"baseline": None, "ngram": None, "mine": str(drafter_dir(c, "generic")),
+                     "external": "/models/d", "remote": None}
+    assert c.cost.prompts == 0
+
+
+def test_cost_settings_are_validated(tmp_path):
+    from specdrift.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="cost.max_tokens"):
+        config(tmp_path, cost={"max_tokens": 1})
