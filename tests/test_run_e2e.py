@@ -149,3 +149,39 @@ def test_report_reproduces_results_from_records(finished_run, tmp_path):
     assert (run_dir / "results.json").read_text() == before
     html = (run_dir / "report.html").read_text()
     assert "<img" in html and "data:image/png;base64," in html
+
+
+@pytest.fixture(scope="module")
+def run_with_killed_arm(tmp_path_factory, target_dir):
+    """A run whose ngram arm is killed (SIGKILL to its process group) during the sequential phase."""
+    import psutil
+
+    tmp = tmp_path_factory.mktemp("killed-arm")
+    config = small_config(tmp)
+    run_dir = tmp / "killed-arm"
+    proc = specdrift("run", "--config", str(config), "--out", str(run_dir))
+    wait_for_records(run_dir, 6, proc, timeout_s=600)
+    arm_servers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "--served-model-name" in p.cmdline() and "ngram" in p.cmdline()]
+    assert len(arm_servers) == 1, arm_servers
+    os.killpg(os.getpgid(arm_servers[0].pid), signal.SIGKILL)
+    killed_at = time.time()
+    output, _ = proc.communicate(timeout=900)
+    return {"dir": run_dir, "returncode": proc.returncode, "output": output, "killed_at": killed_at}
+
+
+def test_a_killed_arm_is_reported_and_the_run_goes_on(run_with_killed_arm):
+    run_dir, output = run_with_killed_arm["dir"], run_with_killed_arm["output"]
+    assert run_with_killed_arm["returncode"] == 0, output
+    assert "arm ngram DIED" in output
+    state = json.loads((run_dir / "state.json").read_text())
+    assert list(state["dead_arms"]) == ["ngram"]
+    assert {p: v["status"] for p, v in state["phases"].items()} == {"sequential": "done", "concurrency-2": "done"}
+    assert state["phases"]["concurrency-2"]["arms"] == ["baseline"]
+    rows = records(run_dir)
+    # Nothing the dead arm was asked after its death succeeded; the baseline went on answering.
+    late_ngram = [r for r in rows if r["arm"] == "ngram" and r["t_start"] > run_with_killed_arm["killed_at"] + 5]
+    assert all(r["status"] != "ok" for r in late_ngram), Counter(r["status"] for r in late_ngram)
+    assert sum(r["arm"] == "baseline" and r["status"] == "ok" and r["regime"] == "concurrency-2" for r in rows) > 0
+    assert "gave up on arm ngram" in (run_dir / "report.md").read_text()
+    assert no_vllm_left(run_dir)
