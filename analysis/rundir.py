@@ -187,7 +187,8 @@ def _regime_plans(regimes: list[dict]) -> dict[str, str]:
                 plan = "one request at a time; each prompt to every arm in rotating order"
                 plan += ", the baseline twice" if regime.kind == "sequential" else ""
             else:
-                plan = f"arms alternate in blocks of {regime.block_seconds:g} s while the prompts cycle"
+                plan = (f"arms alternate in blocks of {regime.block_seconds:g} s; each arm is sent the prompts "
+                        "in the same order (its own cursor), so arms pair by prompt")
             plans.setdefault(label, plan)
     return plans
 

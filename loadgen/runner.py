@@ -200,8 +200,13 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def progress_line(label: str, done: int, errors: int, expected: int, elapsed: float) -> str:
-    eta = format_eta(elapsed / done * (expected - done)) if 0 < done < expected else "-"
+def progress_line(label: str, done: int, errors: int, expected: int, elapsed: float,
+                  max_seconds: float | None = None) -> str:
+    """ETA: the rate so far over what is left, or the phase's time bound if that comes first."""
+    eta_s = elapsed / done * (expected - done) if 0 < done < expected else None
+    if max_seconds is not None and done < expected:
+        eta_s = min(eta_s if eta_s is not None else max_seconds, max(0.0, max_seconds - elapsed))
+    eta = format_eta(eta_s) if eta_s is not None else "-"
     return f"phase {label}: {done}/{expected} requests, {errors} errors, {elapsed:.0f}s elapsed, ETA {eta}"
 
 
@@ -258,6 +263,9 @@ def run_phase(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, ru
     cmd = locust_command(config, regime, gateway_url, run, state.run_id, arms, left)
     log_path = run.logs / f"locust-{regime.label}.log"
     progress(f"phase {regime.label}: arms {', '.join(arms)}; up to {expected} requests, {regime.max_seconds:.0f}s")
+    if regime.kind != "sequential" and regime.max_seconds < regime.block_seconds * len(arms):
+        progress(f"phase {regime.label}: WARNING: {regime.max_seconds:.0f}s holds fewer than one "
+                 f"{regime.block_seconds:.0f}s block for each of the {len(arms)} arms; the last arms may get none")
     state.save(run.state)
     started = time.monotonic()
     child = start_child(f"locust {regime.label}", cmd, log_path)
@@ -269,11 +277,13 @@ def run_phase(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, ru
             if time.monotonic() - last >= PROGRESS_EVERY_S:
                 last = time.monotonic()
                 done, errors = count_records(run.records, state.run_id, regime.label)
-                progress(progress_line(regime.label, done, errors, expected, time.monotonic() - started))
+                progress(progress_line(regime.label, done, errors, expected, time.monotonic() - started,
+                                      regime.max_seconds))
     finally:
         child.stop()
     done, errors = count_records(run.records, state.run_id, regime.label)
-    progress(progress_line(regime.label, done, errors, expected, time.monotonic() - started))
+    progress(progress_line(regime.label, done, errors, expected, time.monotonic() - started,
+                                      regime.max_seconds))
     if child.proc.returncode not in (0, 1):  # locust exits 1 when any request failed
         raise RunError(f"Locust failed in phase {regime.label} (exit {child.proc.returncode}); "
                        f"last lines of {log_path}:\n{log_tail(log_path)}")

@@ -34,6 +34,10 @@ def test_progress_line_has_counts_and_eta():
     assert progress_line("sequential", 10, 1, 40, 20.0) == \
         "phase sequential: 10/40 requests, 1 errors, 20s elapsed, ETA 1m00s"
     assert progress_line("sequential", 0, 0, 40, 1.0).endswith("ETA -")
+    # Under load the time bound usually ends a phase before its request bound.
+    assert progress_line("concurrency-4", 10, 0, 400, 20.0, max_seconds=160).endswith("ETA 2m20s")
+    assert progress_line("concurrency-4", 0, 0, 400, 5.0, max_seconds=160).endswith("ETA 2m35s")
+    assert progress_line("concurrency-4", 10, 0, 40, 20.0, max_seconds=600).endswith("ETA 1m00s")
 
 
 def test_new_run_dir_then_resume_checks(tmp_path):
