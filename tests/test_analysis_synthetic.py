@@ -235,7 +235,10 @@ def write_synthetic_run(run_dir: Path, *, seed: int = 0, per_cell: int = 6,
                 for arm in rotated:
                     send(arm, prompt, regime)
                 send("baseline", prompt, regime)
-        else:  # as loadgen/shapes.py: arms alternate in blocks while one cursor cycles through the prompts
+        else:
+            # Arms alternate in blocks over different prompts (one shared cursor): the unpaired case.
+            # loadgen/shapes.py gives each arm its own cursor, so real runs pair unless a bound cuts
+            # an arm short; the analysis must still handle this one.
             for i in range(2 * len(prompts)):
                 send(order[(i // 8) % len(order)], prompts[i % len(prompts)], regime)
 
