@@ -317,6 +317,10 @@ def dataset_tasks(config: ExperimentConfig, spec: DatasetSpec) -> list[str]:
 def load_items(config: ExperimentConfig, spec: DatasetSpec) -> list[Item]:
     """The items of one configured dataset, in file order, the first `limit`."""
     path = source_path(config, spec)
+    if not spec.path and not config.data_path.is_dir():
+        raise DatasetError(f"data_dir {config.data_path} does not exist: it is relative to the config file "
+                           f"(../shared/data beside the checkout for the shipped configs); "
+                           f"set SPECDRIFT_DATA_DIR to the datasets folder")
     if not path.exists():
         raise DatasetError(f"{spec.adapter}: {path} does not exist (data_dir: {config.data_path})")
     if spec.adapter == JSONL:

@@ -41,11 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll otherwise
+    # Datasets and workload settings are read by several commands (run, prepare, drafter, workload).
+    from loadgen.datasets import DatasetError
+    from loadgen.strata import StrataError
+    from loadgen.workload import WorkloadError
+
     try:
         return int(args.handler(args) or 0)
     except ConfigError as err:
         print(f"specdrift: config error: {err}", file=sys.stderr)
         return 2
+    except (DatasetError, WorkloadError, StrataError) as err:
+        print(f"specdrift {args.command}: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("specdrift: interrupted", file=sys.stderr)
         return 130

@@ -187,3 +187,18 @@ def test_tag_vocabulary_lists_every_task_and_stratum(default_config, data_dir):
                              "gsm8k-like-spec_bench_qa"]
     assert vocab["stratum"] == ["p0-64.o0-32", "p0-64.o32+", "p64-256.o0-32", "p64-256.o32+",
                                 "p256+.o0-32", "p256+.o32+"]
+
+
+def test_a_missing_data_dir_is_one_clear_line_from_the_commands(tmp_path, monkeypatch, capsys, target_dir):
+    from specdrift.cli import main
+    from specdrift.config import load_config
+
+    monkeypatch.setenv("SPECDRIFT_DATA_DIR", str(tmp_path / "no-such-data"))
+    config = Path(__file__).resolve().parent.parent / "experiments" / "smoke.yaml"
+    with pytest.raises(DatasetError, match="data_dir .*no-such-data does not exist.*SPECDRIFT_DATA_DIR"):
+        load_items(load_config(config), DatasetSpec(adapter="gsm8k"))
+    # `run` reaches the datasets after preparing the (already prepared) target: one line, no traceback.
+    capsys.readouterr()
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("specdrift run: data_dir ") and "Traceback" not in err and err.count("\n") == 1
