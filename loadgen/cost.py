@@ -74,8 +74,8 @@ def time_pair(draft_url: str, draft_model: str, base_url: str, base_model: str, 
         warm = rows[0]["messages"]
         decode_step_s(client, draft_url, draft_model, warm, 4)
         decode_step_s(client, base_url, base_model, warm, 4)
+        order = [(draft_url, draft_model), (base_url, base_model)]
         for i, row in enumerate(rows):
-            order = [(draft_url, draft_model), (base_url, base_model)]
             timed = {}
             for url, model in order if i % 2 == 0 else order[::-1]:
                 timed[url] = decode_step_s(client, url, model, row["messages"], max_tokens)

@@ -268,6 +268,11 @@ def run_phase(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, ru
                  f"{regime.block_seconds:.0f}s block for each of the {len(arms)} arms; the last arms may get none")
     state.save(run.state)
     started = time.monotonic()
+
+    def report_progress():
+        done, errors = count_records(run.records, state.run_id, regime.label)
+        progress(progress_line(regime.label, done, errors, expected, time.monotonic() - started, regime.max_seconds))
+
     child = start_child(f"locust {regime.label}", cmd, log_path)
     try:
         last = 0.0
@@ -276,14 +281,10 @@ def run_phase(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, ru
             note_dead_arms(arm_children, state, run, progress)
             if time.monotonic() - last >= PROGRESS_EVERY_S:
                 last = time.monotonic()
-                done, errors = count_records(run.records, state.run_id, regime.label)
-                progress(progress_line(regime.label, done, errors, expected, time.monotonic() - started,
-                                      regime.max_seconds))
+                report_progress()
     finally:
         child.stop()
-    done, errors = count_records(run.records, state.run_id, regime.label)
-    progress(progress_line(regime.label, done, errors, expected, time.monotonic() - started,
-                                      regime.max_seconds))
+    report_progress()
     if child.proc.returncode not in (0, 1):  # locust exits 1 when any request failed
         raise RunError(f"Locust failed in phase {regime.label} (exit {child.proc.returncode}); "
                        f"last lines of {log_path}:\n{log_tail(log_path)}")
