@@ -65,13 +65,18 @@ def no_vllm_left(run_dir: Path) -> bool:
     return out.strip() == ""
 
 
+def start_run(tmp: Path, name: str, records_first: int) -> tuple[Path, Path, subprocess.Popen]:
+    """(config, run dir, process) of a run of the small config, once it has stored `records_first` records."""
+    config = small_config(tmp)
+    run_dir = tmp / name
+    proc = specdrift("run", "--config", str(config), "--out", str(run_dir))
+    wait_for_records(run_dir, records_first, proc, timeout_s=600)
+    return config, run_dir, proc
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, target_dir):
-    tmp = tmp_path_factory.mktemp("run")
-    config = small_config(tmp)
-    run_dir = tmp / "smoke-e2e"
-    first = specdrift("run", "--config", str(config), "--out", str(run_dir))
-    wait_for_records(run_dir, 4, first, timeout_s=600)
+    config, run_dir, first = start_run(tmp_path_factory.mktemp("run"), "smoke-e2e", 4)
     os.killpg(first.pid, signal.SIGTERM)  # as a user's Ctrl-C / kill would
     first_output, _ = first.communicate(timeout=120)
     interrupted = records(run_dir)
@@ -156,11 +161,7 @@ def run_with_killed_arm(tmp_path_factory, target_dir):
     """A run whose ngram arm is killed (SIGKILL to its process group) during the sequential phase."""
     import psutil
 
-    tmp = tmp_path_factory.mktemp("killed-arm")
-    config = small_config(tmp)
-    run_dir = tmp / "killed-arm"
-    proc = specdrift("run", "--config", str(config), "--out", str(run_dir))
-    wait_for_records(run_dir, 6, proc, timeout_s=600)
+    _, run_dir, proc = start_run(tmp_path_factory.mktemp("killed-arm"), "killed-arm", 6)
     arm_servers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                    if "--served-model-name" in p.cmdline() and "ngram" in p.cmdline()]
     assert len(arm_servers) == 1, arm_servers
