@@ -15,6 +15,8 @@ WORKDIR /app
 # lock's vLLM and torch pins are constraints only: nothing here asks for them.
 COPY pyproject.toml README.md ./
 COPY requirements/cpu.lock requirements/cpu.lock
+COPY core core
+COPY workload workload
 COPY specdrift specdrift
 COPY service service
 COPY loadgen loadgen

@@ -18,7 +18,7 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --no-deps -r requirements/cpu.lock
 	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
-	$(VENV)/bin/python -m specdrift.environment --check
+	$(VENV)/bin/python -m core.environment --check
 	@touch $@
 
 run: setup

@@ -6,7 +6,7 @@ the run directory and writes `results.json`, `report.md`, `report.html` and
 can be re-analysed, anywhere, without re-running it; the same inputs give a
 byte-identical `results.json` (seeded bootstrap, sorted keys, no timestamps).
 
-Input contract (the runner, loadgen/runner.py, writes these)
+Input contract (the runner, specdrift/runner.py, writes these)
 ------------------------------------------------------------
 `records.sqlite`, table `requests`, one row per request (service/records.py
 owns it). Columns read here:
@@ -38,7 +38,7 @@ owns it). Columns read here:
 
 `state.json` (optional): `dead_arms = {arm: reason}`, arms the runner gave up on.
 
-`config.resolved.yaml`: the ExperimentConfig (specdrift/config.py). Read:
+`config.resolved.yaml`: the ExperimentConfig (core/config.py). Read:
   `arms[].name`, `arms[].speculative.{method, num_speculative_tokens,
   drafter}`, `baseline_arm`, `drafters[].{name, init, tasks}`, `regimes`
   (their `.label`s are the records' `regime` values, in load order),

@@ -174,15 +174,12 @@ def _prompts(records: pd.DataFrame, workload: pd.DataFrame | None) -> pd.DataFra
 
 def _regime_plans(regimes: list[dict]) -> dict[str, str]:
     """{label: how the runner schedules arms in it}, in load order."""
-    from specdrift.config import LoadRegime  # the one definition of a regime's label
+    from core.config import LoadRegime  # the one definition of a regime's label
 
     plans = {}
     for raw in regimes:
         regime = LoadRegime.model_validate(raw)
-        steps = regime.steps or [regime]
-        for step in steps:
-            # The records' label, as loadgen/shapes.py's Scheduler.regime_of writes it.
-            label = f"{regime.label}.{step.label}" if len(steps) > 1 else regime.label
+        for step, label in zip(regime.steps or [regime], regime.step_labels()):
             if step.kind == "sequential":
                 plan = "one request at a time; each prompt to every arm in rotating order"
                 plan += ", the baseline twice" if regime.kind == "sequential" else ""

@@ -41,10 +41,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from drafters.card import read_card  # noqa: E402
-from specdrift.arms import start_arms  # noqa: E402
-from specdrift.config import load_config  # noqa: E402
-from specdrift.paths import drafter_dir  # noqa: E402
-from specdrift.processes import ProcessStack  # noqa: E402
+from core.arms import start_arms  # noqa: E402
+from core.config import load_config  # noqa: E402
+from core.paths import drafter_dir  # noqa: E402
+from core.processes import ProcessStack  # noqa: E402
 
 TIMEOUT = httpx.Timeout(300.0, connect=5.0)
 
@@ -157,7 +157,7 @@ def main() -> int:
     names = ([n.strip() for n in args.arms.split(",")] if args.arms else
              [a.name for a in config.arms if a.speculative and a.speculative.drafter])
     arms = [baseline] + names
-    from loadgen.workload import build_workload
+    from workload.builder import build_workload
 
     rows = [r for r in build_workload(config) if r["split"] == "eval" and "control" not in r]
     if args.max_prompts_per_task:

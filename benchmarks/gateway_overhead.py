@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.settings import GatewaySettings
-from specdrift.processes import ProcessStack, free_port, start_child, wait_healthy
+from core.processes import ProcessStack, free_port, start_child, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

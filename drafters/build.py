@@ -1,7 +1,8 @@
 """Building a drafter end to end, and reusing it while its inputs are unchanged.
 
-distill(config, name):
-  1. the train prompts of the drafter's tasks (workload split == "train");
+distill(config, name, rows):
+  1. the train prompts of the drafter's tasks (the workload rows with split ==
+     "train", built by the caller once per run);
   2. the inputs hash; a drafter whose card matches it (and whose files match
      their hashes) is reused as is;
   3. the parent: the target (cut to the recipe's layers and vocabulary) or
@@ -9,6 +10,13 @@ distill(config, name):
   4. the target's greedy responses with its top-k (cached, resumable);
   5. training under the recipe's budget, with checkpoints;
   6. the HF directory and its drafter_card.json, moved into place atomically.
+
+Before any of that, `stale_drafters` compares each card's `fingerprint` (a
+hash of what determines the inputs, cheap to compute: the target's files, the
+drafter's config and recipe, the workload's fingerprint, the parent's
+fingerprint, and the code that selects the prompts) with today's, so a
+`specdrift prepare` with everything built neither builds the workload nor
+tokenizes a prompt.
 """
 
 from __future__ import annotations
@@ -21,17 +29,15 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from drafters.card import card_problem, inputs_hash, length_record, read_card, write_card
-from drafters.data import drafter_tasks, select_prompts, workload_rows
-from drafters.model import drafter_from_target, drafter_shape, load_drafter, save_drafter
+from drafters import data as data_module
+from drafters.card import card_problem, inputs_hash, length_record, read_card, update_card, write_card
+from drafters.data import drafter_tasks, select_prompts
 from drafters.recipe import Recipe, recipe_for
 from drafters.responses import generate_responses
-from drafters.train import Example, make_example, train
-from drafters.vocab import VocabMap, choose_vocabulary, load_target_ids
-from specdrift.arms import vllm_env
-from specdrift.config import ExperimentConfig
-from specdrift.models import directory_hashes
-from specdrift.paths import drafter_dir, target_dir, target_model_arg
+from core.arms import vllm_env
+from core.config import ExperimentConfig
+from core.models import directory_hashes, sha256_file
+from core.paths import drafter_dir, target_dir, target_model_arg
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +58,56 @@ def _base(config: ExperimentConfig, name: str, recipe: Recipe) -> dict:
     return {"kind": "target", "name": config.target.name, "path": target_model_arg(config), "inputs_hash": None}
 
 
-def distill(config: ExperimentConfig, name: str, rows: list[dict] | None = None, force: bool = False,
-            progress=log.info) -> Path:
-    """Build drafter `name` unless an up-to-date copy exists; returns its directory."""
+def fingerprint(config: ExperimentConfig, name: str, workload_fingerprint: str) -> str:
+    """A cheap stand-in for the inputs hash: equal fingerprints give equal
+    inputs hashes, since they hash everything those inputs are made from."""
+    drafter = config.drafter(name)
+    parent = fingerprint(config, drafter.init, workload_fingerprint) if drafter.init != "target" else None
+    return inputs_hash({
+        "target": {"files": _target_files(config), "dtype": config.target.dtype},
+        "drafter": drafter.model_dump(mode="json"),
+        "recipe": recipe_for(drafter).model_dump(mode="json"),
+        "workload": workload_fingerprint,
+        "parent": parent,
+        "prompt_selection": sha256_file(Path(data_module.__file__)),
+    })
+
+
+def stale_drafters(config: ExperimentConfig, workload_fingerprint: str) -> list[str]:
+    """The configured drafters whose card does not carry today's fingerprint,
+    or whose files no longer match their card."""
+    stale = []
+    for drafter in config.drafters:
+        out = drafter_dir(config, drafter.name)
+        card = read_card(out)
+        if card is None or card.get("fingerprint") != fingerprint(config, drafter.name, workload_fingerprint) \
+                or card_problem(out, card["inputs_hash"]) is not None:
+            stale.append(drafter.name)
+    return stale
+
+
+def distill(config: ExperimentConfig, name: str, rows: list[dict], workload_fingerprint: str, log_dir: Path,
+            force: bool = False, progress=log.info) -> Path:
+    """Build drafter `name` from the workload `rows` unless an up-to-date copy
+    exists; returns its directory. vLLM's log of the target responses goes to
+    `log_dir`."""
+    # Here, not at the top: torch and transformers take seconds to import, and
+    # checking that drafters are up to date (stale_drafters) needs neither.
     from transformers import AutoTokenizer
+
+    from drafters.model import drafter_from_target, drafter_shape, load_drafter, save_drafter
+    from drafters.train import make_example, train
+    from drafters.vocab import VocabMap, choose_vocabulary, load_target_ids
 
     started = time.monotonic()
     drafter = config.drafter(name)
     recipe = recipe_for(drafter)
     out = drafter_dir(config, name)
     if drafter.init != "target":
-        distill(config, drafter.init, rows=rows, progress=progress)  # reused when current
+        distill(config, drafter.init, rows, workload_fingerprint, log_dir, progress=progress)  # reused when current
 
+    quick = fingerprint(config, name, workload_fingerprint)
     tokenizer = AutoTokenizer.from_pretrained(target_model_arg(config))
-    rows = rows if rows is not None else workload_rows(config)
     tasks = drafter_tasks(drafter, rows)
     prompts = select_prompts(rows, tasks, recipe, tokenizer)
     base = _base(config, name, recipe)
@@ -79,6 +121,7 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict] | None = None,
     })
     problem = card_problem(out, expected_hash)
     if problem is None and not force:
+        update_card(out, fingerprint=quick)  # the next check need not tokenize
         progress(f"drafter {name}: up to date at {out}")
         return out
     progress(f"drafter {name}: building ({'forced' if force else problem}); "
@@ -89,7 +132,8 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict] | None = None,
     cache = config.cache_path / "drafters" / config.target.name / "responses" / (
         f"{expected_hash_of(target_files, config.target.dtype)}-top{recipe.top_k}.jsonl")
     responses = generate_responses([p.request for p in prompts], cache, Path(target_model_arg(config)),
-                                   config.target.dtype, config.target.max_model_len, recipe.top_k, vllm_env(config))
+                                   config.target.dtype, config.target.max_model_len, recipe.top_k, vllm_env(config),
+                                   log_dir / f"responses-{name}.log", progress=lambda msg: progress(f"drafter {name}: {msg}"))
     generation_s = time.monotonic() - gen_started
 
     # The starting network and its vocabulary.
@@ -107,8 +151,7 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict] | None = None,
     vocab = VocabMap(len(tokenizer), target_ids, unk_id=model.config.unk_token_id
                      if getattr(model.config, "unk_token_id", None) is not None else 0)
 
-    train_set: list[Example] = []
-    holdout: list[Example] = []
+    train_set, holdout = [], []
     lengths: dict[str, dict[str, list[int]]] = defaultdict(lambda: {"prompt": [], "output": []})
     covered = total = 0
     for p in prompts:
@@ -143,6 +186,7 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict] | None = None,
     card = {
         "name": name,
         "inputs_hash": expected_hash,
+        "fingerprint": quick,
         "base": base,
         "target": {"name": config.target.name, "path": target_model_arg(config), "dtype": config.target.dtype,
                    "files": target_files},
@@ -193,10 +237,10 @@ def _software() -> dict:
     return versions
 
 
-def build_missing_drafters(config: ExperimentConfig, progress=print) -> list[Path]:
-    """Build every configured drafter that is missing or stale (parents first); reuse the rest."""
-    rows = workload_rows(config)
-    return [distill(config, d.name, rows=rows, progress=progress) for d in config.drafters]
+def build_drafters(config: ExperimentConfig, names: list[str], rows: list[dict], workload_fingerprint: str,
+                  log_dir: Path, progress=print) -> list[Path]:
+    """Build the named drafters where missing or stale (parents first); reuse the rest."""
+    return [distill(config, name, rows, workload_fingerprint, log_dir, progress=progress) for name in names]
 
 
 def drafter_summary(directory: Path) -> str:

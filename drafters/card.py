@@ -8,6 +8,8 @@ inputs and every file still has the hash in `files`. The analysis reads
 Format (`format: "specdrift-drafter-card/1"`), all keys always present:
 
 - `name`: the drafter's name in the config.
+- `fingerprint`: a hash of what the inputs are made from, cheap to compute
+  (drafters/build.py, `fingerprint`); a matching one spares the inputs hash.
 - `inputs_hash`: sha256 over everything that determines the drafter: this
   format's version, the target's file hashes and dtype, the parent drafter's
   inputs hash (fine-tuned drafters), the recipe, the tasks, and every training
@@ -54,9 +56,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from specdrift.models import sha256_file
-
-CARD_FILE = "drafter_card.json"
+from core.contracts import DRAFTER_CARD as CARD_FILE
+from core.models import directory_hashes
 CARD_FORMAT = "specdrift-drafter-card/1"
 HISTOGRAM_EDGES = [2 ** i for i in range(0, 15)]  # 1 .. 16384 tokens
 
@@ -68,8 +69,7 @@ def inputs_hash(parts: dict) -> str:
 
 
 def file_hashes(directory: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(directory.iterdir())
-            if p.is_file() and p.name != CARD_FILE}
+    return directory_hashes(directory, skip=CARD_FILE)
 
 
 def histogram(lengths: list[int]) -> list[int]:
@@ -103,6 +103,16 @@ def write_card(directory: Path, card: dict) -> Path:
     path = directory / CARD_FILE
     path.write_text(json.dumps(card, indent=1) + "\n")
     return path
+
+
+def update_card(directory: Path, **fields) -> None:
+    """Set top-level fields of an existing card (the card is not among the hashed files)."""
+    path = directory / CARD_FILE
+    card = json.loads(path.read_text())
+    if any(card.get(k) != v for k, v in fields.items()):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**card, **fields}, indent=1) + "\n")
+        tmp.replace(path)
 
 
 def read_card(directory: Path) -> dict | None:

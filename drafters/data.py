@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from drafters.recipe import Recipe
 from drafters.responses import Request
-from specdrift.config import ConfigError, DrafterConfig, ExperimentConfig
+from core.config import ConfigError, DrafterConfig
 
 
 @dataclass(frozen=True)
@@ -22,12 +22,6 @@ class TrainPrompt:
     task: str
     request: Request
     holdout: bool
-
-
-def workload_rows(config: ExperimentConfig) -> list[dict]:
-    from loadgen.workload import build_workload
-
-    return build_workload(config)
 
 
 def drafter_tasks(drafter: DrafterConfig, rows: list[dict]) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from specdrift.config import ConfigError, DrafterConfig
+from core.config import ConfigError, DrafterConfig
 
 
 class Recipe(BaseModel):

@@ -22,18 +22,18 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from specdrift.processes import Child
+from core.processes import Child, log_tail, start_child
 
 log = logging.getLogger(__name__)
 
 # Prompts sent to vLLM per batch; each batch is appended to the cache when done.
 CHUNK_PROMPTS = 64
+PROGRESS_PREFIX = "responses: "  # the child's own progress lines, among vLLM's
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,14 @@ def missing_requests(requests: list[Request], cached: dict[str, dict]) -> list[R
 
 
 def generate_responses(requests: list[Request], cache_file: Path, model_dir: Path, dtype: str,
-                       max_model_len: int, top_k: int, env: dict[str, str]) -> dict[str, dict]:
-    """Responses for every request, generating only the ones not cached yet."""
+                       max_model_len: int, top_k: int, env: dict[str, str], log_path: Path,
+                       progress=log.info) -> dict[str, dict]:
+    """Responses for every request, generating only the ones not cached yet.
+    vLLM's own output goes to `log_path`; its progress lines go to `progress`."""
     missing = missing_requests(requests, read_cache(cache_file))
     if missing:
-        log.info("generating %d of %d target responses with vLLM (cache %s)", len(missing), len(requests), cache_file)
+        progress(f"generating {len(missing)} of {len(requests)} target responses with vLLM "
+                 f"(cache {cache_file}, log {log_path})")
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         todo = cache_file.with_suffix(".todo.jsonl")
         with open(todo, "w") as f:
@@ -86,21 +89,35 @@ def generate_responses(requests: list[Request], cache_file: Path, model_dir: Pat
                "--requests", str(todo), "--out", str(cache_file)]
         # Its own process group, stopped whole if we are interrupted: vLLM's
         # engine and workers would otherwise outlive us and hold their memory.
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, start_new_session=True)
+        child = start_child("target responses", cmd, log_path, env={**os.environ, **env})
         try:
-            returncode = proc.wait()
+            follow_progress(child, progress)
         finally:
-            Child("target responses", proc, todo).stop()
-        if returncode != 0:
-            raise subprocess.CalledProcessError(returncode, cmd)
+            child.stop()
+        if child.proc.returncode != 0:
+            raise RuntimeError(f"target response generation failed (exit {child.proc.returncode}); "
+                               f"last lines of {log_path}:\n{log_tail(log_path)}")
         todo.unlink()
     else:
-        log.info("all %d target responses cached in %s", len(requests), cache_file)
+        progress(f"all {len(requests)} target responses cached in {cache_file}")
     cached = read_cache(cache_file)
     still_missing = missing_requests(requests, cached)
     if still_missing:
         raise RuntimeError(f"{len(still_missing)} responses missing after generation, e.g. {still_missing[0].id}")
     return {r.id: cached[r.id] for r in requests}
+
+
+def follow_progress(child: Child, progress, poll_s: float = 2.0) -> None:
+    """Until the child exits, pass on the progress lines it writes to its log."""
+    with open(child.log_path, errors="replace") as log_file:
+        while True:
+            running = child.alive()
+            for line in log_file.readlines():
+                if line.startswith(PROGRESS_PREFIX):
+                    progress(line.strip())
+            if not running:
+                return
+            time.sleep(poll_s)
 
 
 def _run_vllm(args: argparse.Namespace) -> None:
@@ -138,7 +155,7 @@ def _run_vllm(args: argparse.Namespace) -> None:
             done = first + len(chunk)
             elapsed = time.monotonic() - started
             eta = elapsed / done * (len(todo) - done)
-            print(f"responses: {done}/{len(todo)} prompts, {done_tokens} tokens, "
+            print(f"{PROGRESS_PREFIX}{done}/{len(todo)} prompts, {done_tokens} tokens, "
                   f"{done_tokens / elapsed:.0f} tok/s, ETA {eta / 60:.1f} min", flush=True)
 
 

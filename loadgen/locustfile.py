@@ -33,6 +33,7 @@ from gevent.event import AsyncResult
 from locust import LoadTestShape, User, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
+from core.contracts import EVAL, OK, TRAIN, read_records, read_workload, tag_headers
 from loadgen.shapes import BLOCKS, ROTATE, SHAPES, Scheduler, steps_for
 
 log = logging.getLogger("specdrift.locust")
@@ -51,7 +52,7 @@ STATS_GRACE_S = 4.0
 def add_options(parser):
     group = parser.add_argument_group("specdrift", "replay a specdrift workload (docs/workload.md)")
     group.add_argument("--workload", default="workload.jsonl", help="workload file (specdrift workload build)")
-    group.add_argument("--split", default="eval", choices=["eval", "train"], help="which rows to replay")
+    group.add_argument("--split", default=EVAL, choices=[EVAL, TRAIN], help="which rows to replay")
     group.add_argument("--arms", default="", help="comma-separated arm names, a name may repeat "
                        "(default: every model the gateway lists at /v1/models)")
     group.add_argument("--shape", default="sequential", choices=list(SHAPES), help="load shape")
@@ -93,14 +94,10 @@ def recorded_ok(path: str, run_id: str) -> Counter:
     """(regime, prompt id, arm) -> how many times the gateway recorded it ok."""
     if not path or not os.path.exists(path):
         return Counter()
-    from service.records import read_records
-
-    return Counter((r["regime"], r["prompt_id"], r["arm"]) for r in read_records(path, run_id) if r["status"] == "ok")
+    return Counter((r["regime"], r["prompt_id"], r["arm"]) for r in read_records(path, run_id) if r["status"] == OK)
 
 
 def make_scheduler(environment) -> Scheduler:
-    from loadgen.workload import read_workload
-
     options = environment.parsed_options
     if not environment.host:
         raise ValueError("no --host: give the gateway's base URL")
@@ -263,14 +260,8 @@ class GatewayUser(User):
     def _stream(self, job: dict) -> None:
         row, arm = job["row"], job["arm"]
         options = self.environment.parsed_options
-        headers = {
-            "X-Specdrift-Run": options.run_id,
-            "X-Specdrift-Task": row["task"],
-            "X-Specdrift-Stratum": row["stratum"],
-            "X-Specdrift-Prompt-Id": row["id"],
-            "X-Specdrift-Regime": job["regime"],
-            **self.auth,
-        }
+        headers = {**tag_headers(run_id=options.run_id, task=row["task"], stratum=row["stratum"],
+                                 prompt_id=row["id"], regime=job["regime"]), **self.auth}
         body = {
             "model": arm, "messages": row["messages"], "max_tokens": row["max_tokens"],
             "temperature": options.temperature, "stream": True, "stream_options": {"include_usage": True},

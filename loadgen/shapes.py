@@ -39,7 +39,8 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from specdrift.config import LoadRegime, regime_label
+from core.config import LoadRegime
+from core.contracts import regime_label, step_regime
 
 STEP_KINDS = ("sequential", "concurrency", "poisson")
 SHAPES = (*STEP_KINDS, "sweep")
@@ -212,9 +213,7 @@ class Scheduler:
         return self.arm_order or (ROTATE if step.kind == "sequential" else BLOCKS)
 
     def regime_of(self, step: Step) -> str:
-        if len(self.steps) == 1:
-            return self.regime_label or step.label
-        return f"{self.regime_label or 'sweep'}.{step.label}"
+        return step_regime(self.regime_label, step.label, len(self.steps))
 
     def _rotated(self, regime: str) -> Iterator[tuple[dict, str]]:
         done = Counter({(p, a): n for (r, p, a), n in self.done.items() if r == regime})

@@ -1,1 +1,2 @@
-"""service"""
+"""The gateway: one OpenAI-compatible front for all arms that measures and
+records every request. Above core/ only."""

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from core.contracts import REQUEST_ID_HEADER
 from service.errors import GatewayError, error_body, install_error_handlers
 from service.measure import Measurement, RequestInfo
 from service.metrics import GatewayMetrics
@@ -31,7 +32,7 @@ from service.records import RecordStore
 from service.relay import Relay
 from service.schemas import GENERATION_RESPONSES, TAG_PARAMETERS, GenerationRequest, request_models
 from service.settings import GatewaySettings
-from service.tags import REQUEST_ID_HEADER, LabelMapper, TagError, parse_tags
+from service.tags import LabelMapper, TagError, parse_tags
 from service.upstreams import Arm, build_arms
 
 log = logging.getLogger(__name__)

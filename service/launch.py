@@ -10,8 +10,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from service.settings import settings_from_config
-from specdrift.config import ExperimentConfig
-from specdrift.processes import ProcessStack, StartupError, free_port, port_in_use, start_child, wait_healthy
+from core.config import ExperimentConfig
+from core.processes import ProcessStack, StartupError, free_port, port_in_use, start_child, wait_healthy
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,13 @@ def client_url(host: str, port: int) -> str:
 
 
 def start_gateway(config: ExperimentConfig, upstreams: dict[str, list[str]], log_dir: Path, stack: ProcessStack,
-                  *, records_path: Path | None = None, port: int | None = None, run_ids: list[str] | None = None,
-                  vocabulary: dict[str, list[str]] | None = None, health_timeout_s: float = 60.0) -> str:
+                  *, vocabulary: dict[str, list[str]], records_path: Path | None = None, port: int | None = None,
+                  run_ids: list[str] | None = None, health_timeout_s: float = 60.0) -> str:
     """Start the gateway (own process group, log in log_dir/gateway.log), wait
     until /health answers, and return its base URL.
 
     upstreams: arm name -> replica base URLs. vocabulary: the task and
-    stratum label values for Prometheus (default: the config's workload).
+    stratum label values for Prometheus (workload.builder.tag_vocabulary).
     run_ids: run label values (others count as `other`). Port: `port`, else
     config.ports.gateway; 0 picks a free one."""
     try:

@@ -68,27 +68,13 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
+from core.contracts import RECORD_COLUMNS, RECORDS_TABLE
+
 log = logging.getLogger(__name__)
 
-TABLE = "requests"
-COLUMNS: dict[str, str] = {
-    "request_id": "TEXT PRIMARY KEY",
-    "run_id": "TEXT", "arm": "TEXT", "task": "TEXT", "stratum": "TEXT", "prompt_id": "TEXT", "regime": "TEXT",
-    "endpoint": "TEXT", "stream": "INTEGER", "upstream": "TEXT",
-    "status": "TEXT", "http_status": "INTEGER", "error": "TEXT", "finish_reason": "TEXT",
-    "t_start": "REAL", "t_first_token": "REAL", "t_end": "REAL",
-    "ttft_s": "REAL", "e2e_s": "REAL", "tpot_s": "REAL",
-    "itl_mean_s": "REAL", "itl_p50_s": "REAL", "itl_p99_s": "REAL", "itl_max_s": "REAL", "itl_json": "TEXT",
-    "prompt_tokens": "INTEGER", "completion_tokens": "INTEGER", "max_tokens": "INTEGER", "temperature": "REAL",
-    "spec_drafts": "INTEGER", "spec_draft_tokens": "INTEGER", "spec_accepted_tokens": "INTEGER",
-    "spec_accepted_per_pos": "TEXT", "spec_json": "TEXT",
-    "output_hash": "TEXT", "output_hash_kind": "TEXT", "output_text": "TEXT",
-}
-STATUSES = ("ok", "client_disconnect", "upstream_error", "upstream_unavailable", "upstream_timeout",
-            "upstream_died", "gateway_shutdown")
 EXPORT_FORMATS = ("parquet", "csv", "jsonl")
 
-_INSERT = f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_INSERT = f"INSERT INTO {RECORDS_TABLE} ({', '.join(RECORD_COLUMNS)}) VALUES ({', '.join('?' * len(RECORD_COLUMNS))})"
 _STOP = object()
 
 
@@ -101,14 +87,14 @@ def _open(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
-    columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
-    conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} ({columns})")
+    columns = ", ".join(f"{name} {kind}" for name, kind in RECORD_COLUMNS.items())
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {RECORDS_TABLE} ({columns})")
     # A store written by an older gateway gains the columns added since.
-    present = {row[1] for row in conn.execute(f"PRAGMA table_info({TABLE})")}
-    for name, kind in COLUMNS.items():
+    present = {row[1] for row in conn.execute(f"PRAGMA table_info({RECORDS_TABLE})")}
+    for name, kind in RECORD_COLUMNS.items():
         if name not in present:
-            conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN {name} {kind.replace(' PRIMARY KEY', '')}")
-    conn.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_run ON {TABLE} (run_id, t_start)")
+            conn.execute(f"ALTER TABLE {RECORDS_TABLE} ADD COLUMN {name} {kind.replace(' PRIMARY KEY', '')}")
+    conn.execute(f"CREATE INDEX IF NOT EXISTS {RECORDS_TABLE}_run ON {RECORDS_TABLE} (run_id, t_start)")
     conn.commit()
     return conn
 
@@ -219,22 +205,7 @@ class RecordStore:
 
 
 def _row(record: dict[str, Any]) -> tuple:
-    return tuple(record.get(column) for column in COLUMNS)
-
-
-def read_records(path: str | Path, run_id: str | None = None) -> list[dict[str, Any]]:
-    """All records (of one run, if given), oldest first, as dicts keyed by column."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no record store at {path}")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        conn.row_factory = sqlite3.Row
-        where, params = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
-        rows = conn.execute(f"SELECT * FROM {TABLE} {where} ORDER BY t_start, request_id", params).fetchall()
-    finally:
-        conn.close()
-    return [dict(row) for row in rows]
+    return tuple(record.get(column) for column in RECORD_COLUMNS)
 
 
 def export_records(records: list[dict[str, Any]], fmt: str, out: IO[bytes]) -> None:
@@ -244,7 +215,7 @@ def export_records(records: list[dict[str, Any]], fmt: str, out: IO[bytes]) -> N
             out.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
     elif fmt == "csv":
         text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
-        writer = csv.DictWriter(text, fieldnames=list(COLUMNS), extrasaction="ignore")
+        writer = csv.DictWriter(text, fieldnames=list(RECORD_COLUMNS), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
         text.detach()  # leave `out` open for the caller
@@ -253,8 +224,8 @@ def export_records(records: list[dict[str, Any]], fmt: str, out: IO[bytes]) -> N
         import pyarrow.parquet as pq
 
         arrow_type = {"TEXT": pa.string(), "INTEGER": pa.int64(), "REAL": pa.float64()}
-        schema = pa.schema([(name, arrow_type[kind.split()[0]]) for name, kind in COLUMNS.items()])
-        table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in records], schema=schema)
+        schema = pa.schema([(name, arrow_type[kind.split()[0]]) for name, kind in RECORD_COLUMNS.items()])
+        table = pa.Table.from_pylist([{c: r.get(c) for c in RECORD_COLUMNS} for r in records], schema=schema)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         out.write(sink.getvalue().to_pybytes())

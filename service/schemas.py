@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
-from service.tags import TAG_HEADERS, TAG_VALUE
+from core.contracts import TAG_HEADERS
+from service.tags import TAG_VALUE
 
 
 def _integral_float_to_int(value: Any) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.tags import Vocabulary
-from specdrift.config import ExperimentConfig
+from core.config import ExperimentConfig
 
 
 class GatewaySettings(BaseModel):
@@ -61,14 +61,12 @@ def default_records_path(config: ExperimentConfig) -> Path:
 
 
 def settings_from_config(config: ExperimentConfig, upstreams: dict[str, list[str]], *,
-                         records_path: Path | None = None, port: int | None = None,
-                         run_ids: list[str] | None = None,
-                         vocabulary: dict[str, list[str]] | None = None) -> GatewaySettings:
+                         vocabulary: dict[str, list[str]], records_path: Path | None = None,
+                         port: int | None = None, run_ids: list[str] | None = None) -> GatewaySettings:
+    """`vocabulary`: the task and stratum label values Prometheus may see
+    (workload.builder.tag_vocabulary gives a config's); run_ids: the run
+    label values. Anything else is counted as `other`."""
     gateway = config.gateway
-    if vocabulary is None:
-        from loadgen.workload import tag_vocabulary
-
-        vocabulary = tag_vocabulary(config)
     return GatewaySettings(
         host=gateway.host,
         port=config.ports.gateway if port is None else port,

@@ -12,17 +12,10 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
-TAG_HEADERS = {
-    "run_id": "x-specdrift-run",
-    "task": "x-specdrift-task",
-    "stratum": "x-specdrift-stratum",
-    "prompt_id": "x-specdrift-prompt-id",
-    "regime": "x-specdrift-regime",
-}
-REQUEST_ID_HEADER = "X-Specdrift-Request-Id"
-MISSING = "none"
-UNKNOWN = "other"
-TAG_VALUE = re.compile(r"[A-Za-z0-9._:@+-]{1,128}")
+from core.contracts import TAG_HEADERS, TAG_MISSING, TAG_VALUE_PATTERN
+
+UNKNOWN = "other"  # a label value outside the vocabulary
+TAG_VALUE = re.compile(TAG_VALUE_PATTERN)
 
 
 class TagError(ValueError):
@@ -31,11 +24,11 @@ class TagError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Tags:
-    run_id: str = MISSING
-    task: str = MISSING
-    stratum: str = MISSING
-    prompt_id: str = MISSING
-    regime: str = MISSING
+    run_id: str = TAG_MISSING
+    task: str = TAG_MISSING
+    stratum: str = TAG_MISSING
+    prompt_id: str = TAG_MISSING
+    regime: str = TAG_MISSING
 
 
 def parse_tags(headers) -> Tags:
@@ -46,7 +39,7 @@ def parse_tags(headers) -> Tags:
         if value is None:
             continue
         if not TAG_VALUE.fullmatch(value):
-            raise TagError(f"header {header} must match [A-Za-z0-9._:@+-]{{1,128}}")
+            raise TagError(f"header {header} must match {TAG_VALUE_PATTERN}")
         values[field] = value
     return Tags(**values)
 
@@ -64,9 +57,9 @@ class LabelMapper:
 
     def __init__(self, vocabulary: Vocabulary):
         self._allowed = {
-            "run": frozenset(vocabulary.run) | {MISSING},
-            "task": frozenset(vocabulary.task) | {MISSING},
-            "stratum": frozenset(vocabulary.stratum) | {MISSING},
+            "run": frozenset(vocabulary.run) | {TAG_MISSING},
+            "task": frozenset(vocabulary.task) | {TAG_MISSING},
+            "stratum": frozenset(vocabulary.stratum) | {TAG_MISSING},
         }
 
     def _bounded(self, kind: str, value: str) -> str:

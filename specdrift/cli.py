@@ -1,23 +1,23 @@
-"""The `specdrift` command. Each area registers its own subcommands, so the
-code behind a command lives with the rest of its area."""
+"""The `specdrift` command: the parser, logging, and the errors that every
+subcommand reports as one line (specdrift/commands.py holds the subcommands)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-from specdrift.config import ConfigError
+from core.config import ConfigError
+from core.contracts import WorkloadFileError
+from specdrift import commands
+from workload.builder import WorkloadError
+from workload.datasets import DatasetError
+from workload.strata import StrataError
 
-# Modules with a `register(subparsers)` function, in the order of --help.
-COMMAND_MODULES = [
-    "specdrift.commands",  # prepare, serve
-    "loadgen.cli",  # workload build/show, run
-    "drafters.cli",  # drafter distill
-    "analysis.cli",  # report, compare
-    "service.cli",  # records export, gateway
-]
+# Datasets, strata and workload files are read by several commands (run,
+# prepare, drafter, workload); a missing tokenizer is a FileNotFoundError
+# with its own message (workload/lengths.py).
+INPUT_ERRORS = (DatasetError, WorkloadError, WorkloadFileError, StrataError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,9 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    commands.register(subparsers)
     return parser
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """'workload build', 'run', ...: the words the user typed."""
+    action = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {action}" if action else args.command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,18 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll otherwise
-    # Datasets and workload settings are read by several commands (run, prepare, drafter, workload).
-    from loadgen.datasets import DatasetError
-    from loadgen.strata import StrataError
-    from loadgen.workload import WorkloadError
-
     try:
         return int(args.handler(args) or 0)
     except ConfigError as err:
         print(f"specdrift: config error: {err}", file=sys.stderr)
         return 2
-    except (DatasetError, WorkloadError, StrataError) as err:
-        print(f"specdrift {args.command}: {err}", file=sys.stderr)
+    except INPUT_ERRORS as err:
+        print(f"specdrift {command_name(args)}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("specdrift: interrupted", file=sys.stderr)

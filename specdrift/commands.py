@@ -1,16 +1,34 @@
-"""`specdrift prepare` and `specdrift serve`."""
+"""Every `specdrift` subcommand: its arguments and its handler, in the order
+of `specdrift --help`. A handler wires the floors below together and turns
+their errors into one line for the user; the work itself lives in them."""
 
 from __future__ import annotations
 
-import logging
+import json
 import sys
 import time
 from pathlib import Path
 
-from specdrift.config import load_config
-from specdrift.processes import ProcessStack, StartupError
+from pydantic import ValidationError
 
-log = logging.getLogger(__name__)
+from analysis.compare import compare_runs
+from analysis.report import write_report
+from analysis.rundir import RunDirError
+from core.arms import start_arms
+from core.config import ExperimentConfig, load_config
+from core.contracts import WorkloadFileError, read_records, read_workload, workload_sidecar
+from core.models import ModelError, prepare_target
+from core.paths import drafter_dir
+from core.processes import ProcessStack, StartupError
+from drafters.build import distill, drafter_summary
+from service.launch import start_gateway
+from service.records import EXPORT_FORMATS, export_records
+from service.server import run as run_gateway
+from service.settings import default_records_path, settings_from_config
+from specdrift.prepare import prepare_drafters
+from specdrift.runner import RunError, run_experiment
+from workload import builder
+from workload.summary import summary_markdown
 
 
 def register(subparsers) -> None:
@@ -39,30 +57,92 @@ def register(subparsers) -> None:
     r.add_argument("--arms", help="comma-separated arm names (default: all)")
     r.set_defaults(handler=run_command)
 
+    workload = subparsers.add_parser("workload", help="build or inspect a length-stratified workload file")
+    actions = workload.add_subparsers(dest="workload_command", metavar="ACTION", required=True)
+    b = actions.add_parser("build", help="datasets in the config -> workload.jsonl (+ summary, histogram)")
+    b.add_argument("--config", required=True, help="experiment config file (YAML)")
+    b.add_argument("--out", default="workload.jsonl", help="workload file to write (default: workload.jsonl)")
+    b.set_defaults(handler=workload_build_command)
+    w = actions.add_parser("show", help="print a workload file's summary")
+    w.add_argument("file", help="a workload.jsonl")
+    w.set_defaults(handler=workload_show_command)
+
+    drafter = subparsers.add_parser("drafter", help="build and inspect draft models distilled from the target")
+    commands = drafter.add_subparsers(dest="drafter_command", metavar="SUBCOMMAND", required=True)
+    d = commands.add_parser(
+        "distill", help="generate target responses on the train split, distil a drafter, write its card")
+    d.add_argument("--config", required=True, help="experiment config file (YAML)")
+    d.add_argument("--drafter", required=True, help="name of a drafter in the config's `drafters`")
+    d.add_argument("--force", action="store_true", help="rebuild even if the cached drafter is up to date")
+    d.set_defaults(handler=drafter_distill_command)
+    h = commands.add_parser("show", help="print a built drafter's card summary")
+    h.add_argument("--config", required=True, help="experiment config file (YAML)")
+    h.add_argument("--drafter", required=True, help="drafter name")
+    h.set_defaults(handler=drafter_show_command)
+
+    a = subparsers.add_parser("report", help="analyse a run directory: results.json, report.md/.html, figures/")
+    a.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `specdrift run`")
+    a.add_argument("--out", help="write the outputs here instead of into RUN_DIR")
+    a.set_defaults(handler=report_command)
+
+    c = subparsers.add_parser("compare", help="set two runs side by side")
+    c.add_argument("run_a", metavar="RUN_A")
+    c.add_argument("run_b", metavar="RUN_B")
+    c.add_argument("--out", help="write compare.json, compare.md and compare.html here (default: print Markdown)")
+    c.set_defaults(handler=compare_command)
+
+    records = subparsers.add_parser("records", help="per-request records of the gateway")
+    record_actions = records.add_subparsers(dest="records_command", metavar="ACTION", required=True)
+    e = record_actions.add_parser("export", help="write one run's records as parquet, csv or jsonl")
+    e.add_argument("run_id", metavar="RUN_ID", help="the run's id (X-Specdrift-Run); 'all' for every record")
+    e.add_argument("--config", required=True, help="experiment config file (YAML)")
+    e.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    e.add_argument("--out", help="output file (default: stdout)")
+    e.add_argument("--records", help="SQLite record store (default: runs/RUN_ID/records.sqlite if it exists, "
+                                     "else the config's gateway.records_path, else <cache>/records.sqlite)")
+    e.set_defaults(handler=records_export_command)
+
+    g = subparsers.add_parser("gateway", help="run the gateway in the foreground in front of running arms")
+    g.add_argument("--config", required=True, help="experiment config file (YAML)")
+    g.add_argument("--upstream", action="append", default=[], metavar="ARM=URL",
+                   help="an arm and one replica's base URL; repeat for more arms or replicas "
+                        "(default: the config's arms that list upstreams)")
+    g.add_argument("--host", help="address to bind (default: the config's gateway.host, 127.0.0.1)")
+    g.add_argument("--port", type=int, help="port (default: the config's ports.gateway)")
+    g.add_argument("--records", help="SQLite record store (default: gateway.records_path, "
+                                     "else <cache>/records.sqlite)")
+    g.add_argument("--run-id", action="append", default=[], dest="run_ids", metavar="ID",
+                   help="a run id to keep as a Prometheus label value (others count as 'other')")
+    g.set_defaults(handler=gateway_command)
+
+
+def arm_names(config: ExperimentConfig, text: str | None) -> list[str] | None:
+    """`--arms a,b` as names; an unknown one fails here, before anything starts."""
+    names = [n.strip() for n in text.split(",") if n.strip()] if text else None
+    for name in names or []:
+        config.arm(name)
+    return names
+
+
+# --- prepare, serve, run -----------------------------------------------------------------
 
 def prepare_command(args) -> int:
-    from specdrift.models import ModelError, prepare_target
-
+    started = time.monotonic()
     config = load_config(args.config)
     try:
         prepare_target(config)
     except ModelError as err:
         print(f"specdrift prepare: {err}", file=sys.stderr)
         return 1
-    if not args.skip_drafters and config.drafters:
-        from drafters.build import build_missing_drafters
-
-        build_missing_drafters(config)
+    if not args.skip_drafters:
+        prepare_drafters(config, config.cache_path / "logs" / "drafters")
+    print(f"prepared in {time.monotonic() - started:.1f}s")
     return 0
 
 
 def run_command(args) -> int:
-    from loadgen.runner import RunError, run_experiment
-
     config = load_config(args.config)
-    names = [n.strip() for n in args.arms.split(",") if n.strip()] if args.arms else None
-    for name in names or []:
-        config.arm(name)
+    names = arm_names(config, args.arms)
     try:
         run_experiment(config, Path(args.out) if args.out else None, args.resume, names)
     except (RunError, StartupError) as err:
@@ -72,32 +152,22 @@ def run_command(args) -> int:
 
 
 def serve_command(args) -> int:
-    from specdrift.arms import start_arms
-
     config = load_config(args.config)
-    names = [n.strip() for n in args.arms.split(",") if n.strip()] if args.arms else None
-    if names:
-        for name in names:
-            config.arm(name)  # unknown names fail here, before anything starts
+    names = arm_names(config, args.arms)
     log_dir = Path(args.log_dir) if args.log_dir else config.cache_path / "logs" / "serve"
     with ProcessStack() as stack:
         try:
             upstreams = start_arms(config, names, log_dir, stack, args.health_timeout)
+            for name, urls in upstreams.items():
+                print(f"{name}: {', '.join(urls)}", flush=True)
+            if not args.no_gateway:
+                url = start_gateway(config, upstreams, log_dir, stack, vocabulary=builder.tag_vocabulary(config),
+                                    run_ids=args.run_id or None,
+                                    records_path=Path(args.records) if args.records else None)
+                print(f"gateway: {url}", flush=True)
         except StartupError as err:
             print(f"specdrift serve: {err}", file=sys.stderr)
             return 1
-        for name, urls in upstreams.items():
-            print(f"{name}: {', '.join(urls)}", flush=True)
-        if not args.no_gateway:
-            from service.launch import start_gateway
-
-            try:
-                url = start_gateway(config, upstreams, log_dir, stack, run_ids=args.run_id or None,
-                                    records_path=Path(args.records) if args.records else None)
-            except StartupError as err:
-                print(f"specdrift serve: {err}", file=sys.stderr)
-                return 1
-            print(f"gateway: {url}", flush=True)
         try:
             while True:
                 for child in stack.children:
@@ -108,4 +178,146 @@ def serve_command(args) -> int:
                 time.sleep(1)
         except KeyboardInterrupt:
             print("specdrift serve: stopping", file=sys.stderr)
+    return 0
+
+
+# --- workload ---------------------------------------------------------------------------
+
+def workload_build_command(args) -> int:
+    config = load_config(args.config)
+    built = builder.build(config)
+    out = builder.save_built(built, args.out)
+    print(workload_sidecar(out, "summary.md").read_text())
+    splits = {s: sum(r["split"] == s for r in built.rows) for s in ("eval", "train")}
+    print(f"wrote {out} ({splits['eval']} eval, {splits['train']} train rows), "
+          f"{workload_sidecar(out, 'summary.md')}, {workload_sidecar(out, 'lengths.png')}, "
+          f"{workload_sidecar(out, 'build.json')}")
+    return 0
+
+
+def workload_show_command(args) -> int:
+    try:
+        rows = read_workload(args.file)
+    except (OSError, WorkloadFileError) as err:
+        print(f"specdrift workload show: {err}", file=sys.stderr)
+        return 1
+    report_path = workload_sidecar(args.file, "build.json")
+    report = json.loads(report_path.read_text()) if report_path.exists() else None
+    print(summary_markdown(rows, report), end="")
+    if report is None:
+        print(f"({report_path} not found: build details not shown)")
+    return 0
+
+
+# --- drafters ---------------------------------------------------------------------------
+
+def drafter_distill_command(args) -> int:
+    config = load_config(args.config)
+    config.drafter(args.drafter)  # an unknown name fails before any work
+    built = builder.build(config)
+    out = distill(config, args.drafter, built.rows, builder.fingerprint(config), config.cache_path / "logs" / "drafters",
+                  force=args.force, progress=lambda msg: print(msg, flush=True))
+    print(f"drafter {args.drafter}: {out}")
+    return 0
+
+
+def drafter_show_command(args) -> int:
+    config = load_config(args.config)
+    config.drafter(args.drafter)
+    directory = drafter_dir(config, args.drafter)
+    if not directory.exists():
+        print(f"drafter {args.drafter} is not built at {directory}", file=sys.stderr)
+        return 1
+    print(drafter_summary(directory))
+    return 0
+
+
+# --- report, compare ----------------------------------------------------------------------
+
+def report_command(args) -> int:
+    try:
+        results = write_report(args.run_dir, args.out)
+    except RunDirError as err:
+        print(f"specdrift report: {err}", file=sys.stderr)
+        return 1
+    out = Path(args.out or args.run_dir)
+    print("\n".join(f"- {line}" for line in results["summary"]))
+    print(f"\nreport: {out / 'report.html'} (and report.md, results.json, figures/)")
+    return 0
+
+
+def compare_command(args) -> int:
+    try:
+        _, document = compare_runs(args.run_a, args.run_b, args.out)
+    except RunDirError as err:
+        print(f"specdrift compare: {err}", file=sys.stderr)
+        return 1
+    if args.out:
+        print(f"comparison: {args.out}/compare.html (and compare.md, compare.json)")
+    else:
+        print(document.to_markdown())
+    return 0
+
+
+# --- records, gateway -------------------------------------------------------------------------
+
+def records_path_for(config: ExperimentConfig, run_id: str, explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    run_dir_store = Path("runs") / run_id / "records.sqlite"
+    if run_id != "all" and run_dir_store.exists():
+        return run_dir_store
+    return default_records_path(config)
+
+
+def records_export_command(args) -> int:
+    config = load_config(args.config)
+    path = records_path_for(config, args.run_id, args.records)
+    try:
+        records = read_records(path, None if args.run_id == "all" else args.run_id)
+    except FileNotFoundError as err:
+        print(f"specdrift records export: {err}", file=sys.stderr)
+        return 1
+    if not records:
+        print(f"specdrift records export: no records of run {args.run_id!r} in {path}", file=sys.stderr)
+        return 1
+    if args.out:
+        with open(args.out, "wb") as out:
+            export_records(records, args.format, out)
+        print(f"{len(records)} records -> {args.out}", file=sys.stderr)
+    else:
+        export_records(records, args.format, sys.stdout.buffer)
+        sys.stdout.flush()
+    return 0
+
+
+def parse_upstreams(values: list[str]) -> dict[str, list[str]]:
+    upstreams: dict[str, list[str]] = {}
+    for value in values:
+        arm, sep, url = value.partition("=")
+        if not sep or not arm or not url.startswith(("http://", "https://")):
+            raise ValueError(f"--upstream {value!r}: expected ARM=http://HOST:PORT")
+        upstreams.setdefault(arm, []).append(url.rstrip("/"))
+    return upstreams
+
+
+def gateway_command(args) -> int:
+    config = load_config(args.config)
+    try:
+        upstreams = parse_upstreams(args.upstream) if args.upstream else {
+            arm.name: list(arm.upstreams) for arm in config.arms if arm.upstreams}
+        if not upstreams:
+            raise ValueError("no upstreams: give --upstream ARM=URL, or list `upstreams` for arms in the config")
+        settings = settings_from_config(config, upstreams, vocabulary=builder.tag_vocabulary(config),
+                                        records_path=Path(args.records) if args.records else None,
+                                        port=args.port, run_ids=args.run_ids)
+        if args.host:
+            settings.host = args.host
+        settings.auth_token()
+    except (ValidationError, ValueError) as err:
+        print(f"specdrift gateway: {err}", file=sys.stderr)
+        return 2
+    print(f"gateway: http://{settings.host}:{settings.port} -> {', '.join(upstreams)}; records in "
+          f"{settings.records_path}", file=sys.stderr, flush=True)
+    run_gateway(settings)
     return 0

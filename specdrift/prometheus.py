@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 
 import yaml
 
-from specdrift.config import ExperimentConfig
-from specdrift.processes import ProcessStack, StartupError, free_port, start_child, wait_healthy
+from core.config import ExperimentConfig
+from core.processes import ProcessStack, StartupError, free_port, start_child, wait_healthy
 
 log = logging.getLogger(__name__)
 

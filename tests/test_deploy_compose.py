@@ -353,7 +353,7 @@ def test_every_arm_in_every_stack_is_scraped_by_prometheus(example_env):
 
 
 def test_replicas_stack_sends_every_arm_to_all_its_replicas(example_env):
-    from service.cli import parse_upstreams
+    from specdrift.commands import parse_upstreams
 
     _, services = stack("gpu+replicas", example_env)
     command = services["gateway"]["command"]
@@ -401,7 +401,7 @@ def test_arm_command_lines_build_a_vllm_engine_config(example_env, target_dir):
 # --- the gateway, the workload builder and Locust ------------------------------------------
 
 def test_experiment_config_is_the_stack_seen_from_the_gateway(example_env):
-    from specdrift.config import load_config
+    from core.config import load_config
 
     config = load_config(DEPLOY / "experiment.compose.yaml")
     _, services = stack("gpu+ngram", example_env)
@@ -420,10 +420,11 @@ def specdrift_args(service: dict) -> list[str]:
 
 
 def test_gateway_command_builds_gateway_settings(example_env, tmp_path, monkeypatch):
-    from service.cli import gateway_command, parse_upstreams
     from service.settings import settings_from_config
+    from specdrift.commands import gateway_command, parse_upstreams
+    from workload.builder import tag_vocabulary
     from specdrift.cli import build_parser
-    from specdrift.config import load_config
+    from core.config import load_config
 
     _, services = stack("gpu", example_env)
     args = build_parser().parse_args(specdrift_args(services["gateway"]))
@@ -432,7 +433,7 @@ def test_gateway_command_builds_gateway_settings(example_env, tmp_path, monkeypa
     config_path = Path(args.config.replace("/deploy/", f"{DEPLOY}/"))
     config = load_config(config_path)
     upstreams = parse_upstreams(args.upstream) if args.upstream else {a.name: a.upstreams for a in config.arms}
-    settings = settings_from_config(config, upstreams, run_ids=args.run_ids)
+    settings = settings_from_config(config, upstreams, vocabulary=tag_vocabulary(config), run_ids=args.run_ids)
     assert settings.host == "0.0.0.0" and settings.port == 8100
     assert str(settings.records_path).startswith("/records/")
     assert "/records" in [v.split(":")[1] for v in services["gateway"]["volumes"]]
@@ -441,12 +442,12 @@ def test_gateway_command_builds_gateway_settings(example_env, tmp_path, monkeypa
 
 
 def test_workload_and_locust_commands_parse(example_env):
-    from loadgen.cli import build_command
     from specdrift.cli import build_parser
+    from specdrift.commands import workload_build_command
 
     _, services = stack("gpu", example_env)
     args = build_parser().parse_args(specdrift_args(services["workload"]))
-    assert args.handler is build_command
+    assert args.handler is workload_build_command
     master = services["locust-master"]["command"]
     workload_out = args.out
     assert flag(master, "workload") == workload_out

@@ -22,7 +22,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # What the image runs: the gateway, the workload builder, Locust, records export.
 IMAGE_PACKAGES = ("service", "loadgen", "specdrift", "analysis")
 # Imported only by steps that never run in the image: preparing the embedded
-# target model (specdrift/models.py) needs torch, like the drafters do.
+# target model (core/models.py) needs torch, like the drafters do.
 ENGINE_SIDE = {"torch"}
 
 

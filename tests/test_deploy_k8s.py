@@ -115,7 +115,7 @@ def test_each_arm_is_a_deployment_and_service_serving_its_name(arm):
 
 
 def test_gateway_reaches_the_arms_by_their_service_names():
-    from specdrift.config import load_config
+    from core.config import load_config
 
     config = load_config(DEPLOY / "experiment.compose.yaml")
     services = {d["metadata"]["name"]: d for _, d in DOCUMENTS if d["kind"] == "Service"}

@@ -20,8 +20,8 @@ from drafters.model import drafter_from_target, save_drafter
 from drafters.recipe import REDUCED_RECIPE, Recipe, recipe_for
 from drafters.responses import prompt_sha
 from drafters.vocab import VocabMap, choose_vocabulary, load_target_ids
-from specdrift.config import ConfigError, DrafterConfig, TargetConfig
-from specdrift.models import directory_hashes
+from core.config import ConfigError, DrafterConfig, TargetConfig
+from core.models import directory_hashes
 
 TEXTS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
          "Translate German to English: Das ist ein kleines Haus am See.",
@@ -113,7 +113,7 @@ def _rows(tokenizer, data_rows: list[dict]) -> list[dict]:
 
 def _workload_rows(data_dir: Path, n_per_task: int) -> list[dict]:
     """A small real train split: GSM8K questions and WMT22 sources."""
-    from loadgen import templates
+    from workload import templates
 
     rows = []
     with open(data_dir / "gsm8k" / "test.jsonl") as f:
@@ -168,7 +168,7 @@ def test_tiny_distillation_lowers_loss_writes_a_complete_card_and_is_reused(
     _fill_response_cache(config, rows, tokenizer, target_model, Recipe.model_validate(recipe).top_k)
     messages = []
 
-    out = distill(config, "narrow", rows=rows, progress=messages.append)
+    out = distill(config, "narrow", rows, "test-workload", tmp_path / "logs", progress=messages.append)
 
     generic = read_card(out.parent / "generic")
     card = read_card(out)
@@ -198,7 +198,7 @@ def test_tiny_distillation_lowers_loss_writes_a_complete_card_and_is_reused(
 
     # Unchanged inputs: reused, nothing rebuilt.
     messages.clear()
-    assert distill(config, "narrow", rows=rows, progress=messages.append) == out
+    assert distill(config, "narrow", rows, "test-workload", tmp_path / "logs", progress=messages.append) == out
     assert all("up to date" in m for m in messages), messages
     assert read_card(out)["created"] == card["created"]
 

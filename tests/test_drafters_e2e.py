@@ -13,9 +13,11 @@ import pytest
 from drafters.build import distill
 from drafters.card import read_card
 from drafters.recipe import REDUCED_RECIPE
-from specdrift.arms import launch_arm
-from specdrift.config import ArmConfig, DrafterConfig, SpeculativeConfig, TargetConfig
-from specdrift.processes import ProcessStack, free_port
+from core.arms import launch_arm
+from core.config import ArmConfig, DrafterConfig, SpeculativeConfig, TargetConfig
+from core.processes import ProcessStack, free_port
+from specdrift.cost import measure_costs
+from workload.builder import build, fingerprint
 
 pytestmark = pytest.mark.slow
 
@@ -34,15 +36,19 @@ def drafted_config(cpu_config, target_dir, tmp_path_factory):
     return config
 
 
-def test_vllm_serves_the_distilled_drafter_losslessly(drafted_config, real_arms, tmp_path):
-    out = distill(drafted_config, "generic")
+@pytest.fixture(scope="module")
+def workload_rows(drafted_config) -> list[dict]:
+    return build(drafted_config).rows
+
+
+def test_vllm_serves_the_distilled_drafter_losslessly(drafted_config, workload_rows, real_arms, tmp_path):
+    out = distill(drafted_config, "generic", workload_rows, fingerprint(drafted_config), tmp_path)
     card = read_card(out)
     assert card["shape"]["trimmed_vocabulary"] and card["generation"]["engine"] == "vllm"
     assert sum(card["training_data"]["counts"].values()) == 4 * REDUCED_RECIPE["max_prompts_per_task"]
 
-    from loadgen.workload import build_workload
-
-    eval_rows = [r for r in build_workload(drafted_config) if r["split"] == "eval" and r["prompt_tokens"] < 400][:4]
+    assert (tmp_path / "responses-generic.log").exists()
+    eval_rows = [r for r in workload_rows if r["split"] == "eval" and r["prompt_tokens"] < 400][:4]
     with ProcessStack() as stack:
         drafted = launch_arm(drafted_config, drafted_config.arm("drafted"), free_port(), tmp_path, stack,
                              health_timeout_s=600)
@@ -64,14 +70,12 @@ def test_vllm_serves_the_distilled_drafter_losslessly(drafted_config, real_arms,
     assert sum(s["num_accepted_draft_tokens"] for s in drafted_stats) > 0
 
 
-def test_the_runner_measures_the_drafters_cost_ratio_against_the_baseline(drafted_config, real_arms, tmp_path):
-    from loadgen.cost import measure_costs
-    from loadgen.workload import build_workload
-
+def test_the_runner_measures_the_drafters_cost_ratio_against_the_baseline(drafted_config, workload_rows, real_arms,
+                                                                            tmp_path):
     config = drafted_config.model_copy(deep=True)
     config.cost.prompts, config.cost.max_tokens = 3, 16
-    distill(config, "generic")  # reused from the test above
-    eval_rows = [r for r in build_workload(config) if r["split"] == "eval"]
+    distill(config, "generic", workload_rows, fingerprint(config), tmp_path)  # reused from the test above
+    eval_rows = [r for r in workload_rows if r["split"] == "eval"]
     cost_path = tmp_path / "cost.json"
     lines = []
     measured = measure_costs(config, ["baseline", "drafted"], real_arms["baseline"], eval_rows, cost_path,

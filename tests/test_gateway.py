@@ -24,9 +24,9 @@ import pytest
 import schemathesis
 
 from service.launch import start_gateway
-from service.records import read_records
+from core.contracts import read_records
 from service.settings import GatewaySettings
-from specdrift.processes import ProcessStack, free_port, start_child, wait_healthy
+from core.processes import ProcessStack, free_port, start_child, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_UPSTREAM = REPO / "benchmarks" / "fake_upstream.py"
@@ -409,7 +409,7 @@ def test_bearer_token_guards_the_api_but_not_health_or_metrics(stack, logs, fake
 
 
 def test_auth_with_unset_token_variable_fails_at_start(cpu_config, fake, tmp_path):
-    from specdrift.processes import StartupError
+    from core.processes import StartupError
 
     config = cpu_config.model_copy(deep=True)
     config.gateway.auth_token_env = "SPECDRIFT_TOKEN_THAT_IS_NOT_SET"
@@ -419,7 +419,7 @@ def test_auth_with_unset_token_variable_fails_at_start(cpu_config, fake, tmp_pat
 
 
 def test_busy_port_fails_clearly(cpu_config, gateway, tmp_path):
-    from specdrift.processes import StartupError
+    from core.processes import StartupError
 
     port = int(gateway["url"].rsplit(":", 1)[1])
     with ProcessStack() as stack, pytest.raises(StartupError, match="already in use"):

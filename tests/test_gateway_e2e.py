@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from service.launch import start_gateway
-from service.records import read_records
-from specdrift.processes import ProcessStack, free_port
+from core.contracts import read_records
+from core.processes import ProcessStack, free_port
 from test_gateway import fuzz, metric_samples, metric_sum, wait_for
 
 pytestmark = pytest.mark.slow
@@ -132,7 +132,7 @@ def test_client_disconnect_cancels_the_request_in_vllm(gateway):
 
 
 def test_killing_an_arm_mid_stream_records_errors_and_nothing_hangs(cpu_config, target_dir, tmp_path):
-    from specdrift.arms import start_arms
+    from core.arms import start_arms
 
     config = cpu_config.model_copy(deep=True)
     config.ports.arms_from = free_port()

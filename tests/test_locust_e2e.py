@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from specdrift.config import DatasetSpec
-from specdrift.processes import ProcessStack, free_port, start_child
+from core.config import DatasetSpec
+from core.processes import ProcessStack, free_port, start_child
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,9 @@ def e2e_requests(csv_prefix: Path) -> tuple[int, int]:
 
 
 def test_master_and_two_workers_through_the_gateway(cpu_config, real_arms, target_dir, data_dir, tmp_path):
-    from loadgen.workload import build, tag_vocabulary, write_workload
+    from workload.builder import build, tag_vocabulary, write_workload
     from service.launch import start_gateway
-    from service.records import read_records
+    from core.contracts import read_records
 
     config = cpu_config.model_copy(deep=True)
     # Real prompts of three lengths; few tokens out, to keep it short on CPU.

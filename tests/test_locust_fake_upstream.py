@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from specdrift.config import DatasetSpec
-from specdrift.processes import ProcessStack, free_port, start_child
+from core.config import DatasetSpec
+from core.processes import ProcessStack, free_port, start_child
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +118,7 @@ class FakeUpstream:
 @pytest.fixture(scope="module")
 def workload(default_config, data_dir, target_dir, tmp_path_factory):
     """A small real workload: GSM8K and NQ-open prompts, eval split."""
-    from loadgen.workload import build, write_workload
+    from workload.builder import build, write_workload
 
     config = default_config.model_copy(deep=True)
     config.workload.datasets = [DatasetSpec(adapter="gsm8k", limit=80), DatasetSpec(adapter="nq_open", limit=80)]

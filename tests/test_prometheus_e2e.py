@@ -17,8 +17,8 @@ import httpx
 import pytest
 import yaml
 
-from specdrift.config import DatasetSpec
-from specdrift.processes import ProcessStack, free_port, start_child, wait_healthy
+from core.config import DatasetSpec
+from core.processes import ProcessStack, free_port, start_child, wait_healthy
 from test_dashboards import load_dashboards, panel_queries, substitute, variable_source, variables
 
 pytestmark = [pytest.mark.slow,
@@ -72,7 +72,7 @@ def e2e_config(cpu_config):
 @pytest.fixture(scope="module")
 def observed(real_arms, e2e_config, stack, tmp_path_factory, data_dir):
     """Gateway + Prometheus up, the load replayed; returns the Prometheus URL."""
-    from loadgen.workload import build, tag_vocabulary, write_workload
+    from workload.builder import build, tag_vocabulary, write_workload
     from service.launch import start_gateway
     from specdrift.prometheus import scrape_config
 

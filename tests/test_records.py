@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import service.records as records_module
-from service.records import COLUMNS, RecordStore, RecordStoreError, export_records, read_records
+from core.contracts import RECORD_COLUMNS as COLUMNS
+from core.contracts import read_records
+from service.records import RecordStore, RecordStoreError, export_records
 from specdrift.cli import main
 
 

@@ -1,5 +1,5 @@
 """`specdrift run` end to end on real vLLM-CPU arms: a small run (two tasks,
-two strata, baseline + ngram, two load regimes) is interrupted mid-phase,
+two strata, baseline + ngram, two load regimes) is interrupted mid-regime,
 resumed, and must end complete and consistent; `specdrift report` on the run
 directory alone reproduces results.json exactly."""
 
@@ -27,7 +27,7 @@ SMOKE = REPO / "experiments" / "smoke.yaml"
 def small_config(tmp_path: Path) -> Path:
     data = yaml.safe_load(SMOKE.read_text())
     data["workload"]["data_dir"] = str((SMOKE.parent / data["workload"]["data_dir"]).resolve())
-    from specdrift.processes import free_port
+    from core.processes import free_port
 
     data["ports"] = {"gateway": free_port(), "arms_from": free_port(), "prometheus": free_port()}
     path = tmp_path / "small.yaml"
@@ -110,12 +110,12 @@ def test_resume_did_not_duplicate(finished_run):
     assert len(finished_run["interrupted"]) >= 4
     seq = Counter((r["prompt_id"], r["arm"]) for r in rows if r["regime"] == "sequential")
     # The baseline goes twice per prompt (its agreement with itself), every other arm once; the
-    # phase's max_requests (30 of 12 prompts x 3) may cut the last prompt short, never repeat one.
+    # regime's max_requests (30 of 12 prompts x 3) may cut the last prompt short, never repeat one.
     assert seq and all(n <= (2 if arm == "baseline" else 1) for (prompt, arm), n in seq.items()), seq
-    # max_requests bounds what the phase sent across the interruption (a request cut by it is recorded too).
+    # max_requests bounds what the regime sent across the interruption (a request cut by it is recorded too).
     assert sum(r["regime"] == "sequential" for r in everything) == 30
     state = json.loads((finished_run["dir"] / "state.json").read_text())
-    assert {p: v["status"] for p, v in state["phases"].items()} == {"sequential": "done", "concurrency-2": "done"}
+    assert {p: v["status"] for p, v in state["regimes"].items()} == {"sequential": "done", "concurrency-2": "done"}
 
 
 def test_records_carry_tags_from_the_workload(finished_run):
@@ -158,7 +158,7 @@ def test_report_reproduces_results_from_records(finished_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def run_with_killed_arm(tmp_path_factory, target_dir):
-    """A run whose ngram arm is killed (SIGKILL to its process group) during the sequential phase."""
+    """A run whose ngram arm is killed (SIGKILL to its process group) during the sequential regime."""
     import psutil
 
     _, run_dir, proc = start_run(tmp_path_factory.mktemp("killed-arm"), "killed-arm", 6)
@@ -177,8 +177,8 @@ def test_a_killed_arm_is_reported_and_the_run_goes_on(run_with_killed_arm):
     assert "arm ngram DIED" in output
     state = json.loads((run_dir / "state.json").read_text())
     assert list(state["dead_arms"]) == ["ngram"]
-    assert {p: v["status"] for p, v in state["phases"].items()} == {"sequential": "done", "concurrency-2": "done"}
-    assert state["phases"]["concurrency-2"]["arms"] == ["baseline"]
+    assert {p: v["status"] for p, v in state["regimes"].items()} == {"sequential": "done", "concurrency-2": "done"}
+    assert state["regimes"]["concurrency-2"]["arms"] == ["baseline"]
     rows = records(run_dir)
     # Nothing the dead arm was asked after its death succeeded; the baseline went on answering.
     late_ngram = [r for r in rows if r["arm"] == "ngram" and r["t_start"] > run_with_killed_arm["killed_at"] + 5]

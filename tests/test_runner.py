@@ -1,13 +1,13 @@
-"""The runner's bookkeeping, without servers: run directories, resume checks, phases, progress."""
+"""The runner's bookkeeping, without servers: run directories, resume checks, regimes, progress."""
 
 import json
 import sqlite3
 
 import pytest
 
-from loadgen.runner import (RunError, RunState, count_records, expected_requests, open_run_dir, phase_arms,
-                            progress_line)
-from specdrift.config import LoadRegime, parse_config
+from core.config import LoadRegime, parse_config
+from core.contracts import count_records
+from specdrift.runner import RunError, RunState, expected_requests, open_run_dir, progress_line, regime_arms
 
 
 def config(tmp_path, **extra):
@@ -19,9 +19,9 @@ def config(tmp_path, **extra):
 
 def test_sequential_sends_the_baseline_twice_load_does_not(tmp_path):
     c = config(tmp_path)
-    assert phase_arms(c, LoadRegime(kind="sequential"), ["baseline", "ngram"]) == ["baseline", "ngram", "baseline"]
-    assert phase_arms(c, LoadRegime(kind="concurrency", users=4), ["baseline", "ngram"]) == ["baseline", "ngram"]
-    assert phase_arms(c, LoadRegime(kind="sequential"), ["ngram"]) == ["ngram"]  # baseline died
+    assert regime_arms(c, LoadRegime(kind="sequential"), ["baseline", "ngram"]) == ["baseline", "ngram", "baseline"]
+    assert regime_arms(c, LoadRegime(kind="concurrency", users=4), ["baseline", "ngram"]) == ["baseline", "ngram"]
+    assert regime_arms(c, LoadRegime(kind="sequential"), ["ngram"]) == ["ngram"]  # baseline died
 
 
 def test_expected_requests_is_bounded():
@@ -32,9 +32,9 @@ def test_expected_requests_is_bounded():
 
 def test_progress_line_has_counts_and_eta():
     assert progress_line("sequential", 10, 1, 40, 20.0) == \
-        "phase sequential: 10/40 requests, 1 errors, 20s elapsed, ETA 1m00s"
+        "regime sequential: 10/40 requests, 1 errors, 20s elapsed, ETA 1m00s"
     assert progress_line("sequential", 0, 0, 40, 1.0).endswith("ETA -")
-    # Under load the time bound usually ends a phase before its request bound.
+    # Under load the time bound usually ends a regime before its request bound.
     assert progress_line("concurrency-4", 10, 0, 400, 20.0, max_seconds=160).endswith("ETA 2m20s")
     assert progress_line("concurrency-4", 0, 0, 400, 5.0, max_seconds=160).endswith("ETA 2m35s")
     assert progress_line("concurrency-4", 10, 0, 40, 20.0, max_seconds=600).endswith("ETA 1m00s")
@@ -56,14 +56,14 @@ def test_new_run_dir_then_resume_checks(tmp_path):
 
 
 def test_state_round_trip(tmp_path):
-    state = RunState(run_id="x", phases={"sequential": {"status": "done"}}, dead_arms={"ngram": "exited"})
+    state = RunState(run_id="x", regimes={"sequential": {"status": "done"}}, dead_arms={"ngram": "exited"})
     state.save(tmp_path / "state.json")
     again = RunState.load(tmp_path / "state.json")
-    assert (again.run_id, again.phases, again.dead_arms) == ("x", state.phases, state.dead_arms)
+    assert (again.run_id, again.regimes, again.dead_arms) == ("x", state.regimes, state.dead_arms)
     assert json.loads((tmp_path / "state.json").read_text())["run_id"] == "x"
 
 
-def test_count_records_per_phase(tmp_path):
+def test_count_records_per_regime(tmp_path):
     db = tmp_path / "records.sqlite"
     assert count_records(db, "r", "sequential") == (0, 0)
     with sqlite3.connect(db) as conn:
@@ -76,8 +76,8 @@ def test_count_records_per_phase(tmp_path):
 
 
 def test_only_local_draft_model_arms_have_a_draft_model_to_time(tmp_path):
-    from loadgen.cost import draft_model_path
-    from specdrift.paths import drafter_dir
+    from specdrift.cost import draft_model_path
+    from core.paths import drafter_dir
 
     c = parse_config({"name": "t", "target": {"name": "tiny"}, "cost": {"prompts": 0},
                       "drafters": [{"name": "generic", "init": "target", "tasks": "all"}], "arms": [
@@ -95,7 +95,7 @@ def test_only_local_draft_model_arms_have_a_draft_model_to_time(tmp_path):
 
 
 def test_cost_settings_are_validated(tmp_path):
-    from specdrift.config import ConfigError
+    from core.config import ConfigError
 
     with pytest.raises((ConfigError, ValueError), match="cost.max_tokens"):
         config(tmp_path, cost={"max_tokens": 1})

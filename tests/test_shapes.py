@@ -8,7 +8,7 @@ from scipy import stats
 
 from loadgen.shapes import (Scheduler, ShapeError, Step, format_step, locust_shape_options, parse_step,
                             parse_sweep, steps_for)
-from specdrift.config import LoadRegime
+from core.config import LoadRegime
 
 
 class Clock:

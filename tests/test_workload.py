@@ -11,12 +11,14 @@ import shutil
 import pytest
 from scipy import stats
 
-from loadgen import strata
-from loadgen.lengths import PromptTokenizer
-from loadgen.sampling import length_matched, split_of
-from loadgen.workload import build, read_workload, sidecar, tag_vocabulary, write_workload
+from workload import strata
+from workload.lengths import PromptTokenizer
+from workload.sampling import length_matched, split_of
+from core.contracts import read_workload
+from core.contracts import workload_sidecar as sidecar
+from workload.builder import build, tag_vocabulary, write_workload
 from specdrift.cli import main
-from specdrift.config import DatasetSpec, LengthControl
+from core.config import DatasetSpec, LengthControl
 
 # The control's KS statistic against the target task's prompt lengths stays
 # below this (docs/workload.md). A random draw of 20 from the target itself
@@ -65,7 +67,7 @@ def test_prompt_lengths_match_the_chat_template_tokenized_independently(built, t
 
 
 def test_reference_lengths_are_the_reference_text_alone(default_config, built, tokenizer):
-    from loadgen.datasets import load_items
+    from workload.datasets import load_items
 
     references = {f"gsm8k:{i.source_id}": i.reference for i in load_items(default_config, DatasetSpec(adapter="gsm8k"))}
     for row in [r for r in built.rows if r["task"] == "gsm8k"][:100]:
@@ -106,7 +108,7 @@ def test_prompts_too_long_for_the_context_are_excluded_and_counted(default_confi
     config.target = config.target.model_copy(update={"max_model_len": 512})
     built = build(config, tokenizer)
     assert all(r["prompt_tokens"] + r["max_tokens"] <= 512 for r in built.rows)
-    from loadgen.workload import read_datasets
+    from workload.builder import read_datasets
 
     kept, _ = read_datasets(config)
     lengths = tokenizer.prompt_lengths([item.messages for item, _ in kept])

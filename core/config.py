@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.contracts import regime_label, step_regime
+
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 
 
@@ -176,7 +178,7 @@ class DrafterConfig(StrictModel):
 
 
 class CostConfig(StrictModel):
-    """Measuring the draft/target cost ratio c (loadgen/cost.py): each draft
+    """Measuring the draft/target cost ratio c (specdrift/cost.py): each draft
     model is served alone and timed against the baseline on `prompts` eval
     prompts, `max_tokens` output tokens each. prompts: 0 skips it."""
 
@@ -212,14 +214,10 @@ class LoadRegime(StrictModel):
     def label(self) -> str:
         return regime_label(self.kind, self.users, self.rate)
 
-
-def regime_label(kind: str, users: int | None, rate: float | None) -> str:
-    """The regime's name in records and reports: 'sequential', 'concurrency-4', 'poisson-0.5'."""
-    if kind == "concurrency":
-        return f"concurrency-{users}"
-    if kind == "poisson":
-        return f"poisson-{rate:g}"
-    return kind
+    def step_labels(self) -> list[str]:
+        """The regime labels its requests are recorded under: its own, or one per step of a sweep."""
+        steps = self.steps or [self]
+        return [step_regime(self.label, step.label, len(steps)) for step in steps]
 
 
 class ExperimentConfig(StrictModel):

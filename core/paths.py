@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specdrift.config import ExperimentConfig
+from core.config import ExperimentConfig
 
 
 def models_dir(config: ExperimentConfig) -> Path:

@@ -17,8 +17,8 @@ class PromptTokenizer:
     that the local HF cache already holds (a compose stack mounts it); nothing is downloaded."""
 
     def __init__(self, model: str | Path):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
-        from transformers import AutoTokenizer
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub; set before transformers reads it
+        from transformers import AutoTokenizer  # here: importing transformers takes seconds
 
         path = Path(model)
         if path.is_dir():

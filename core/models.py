@@ -8,6 +8,7 @@ config without `quantization_config`. Nothing is fetched from a model hub.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -16,8 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-from specdrift.config import ExperimentConfig
-from specdrift.paths import target_dir
+from core.config import ExperimentConfig
+from core.paths import target_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,14 @@ class ModelError(RuntimeError):
     """The model cannot be prepared; the message says what to do."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path) -> str:
+    """A file's sha256, hashed once per process while its size and mtime stay the same."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256(path: str, size: int, mtime_ns: int, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -39,9 +47,9 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def directory_hashes(directory: Path) -> dict[str, str]:
-    """sha256 of every file in a model directory except the manifest."""
-    return {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+def directory_hashes(directory: Path, skip: str = MANIFEST) -> dict[str, str]:
+    """sha256 of every file in a model directory except its manifest (or `skip`)."""
+    return {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != skip}
 
 
 def find_gguf() -> Path:

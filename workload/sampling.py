@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-TRAIN, EVAL = "train", "eval"
+from core.contracts import EVAL, TRAIN
 
 
 def split_of(group: str, seed: int, train_fraction: float) -> str:

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from specdrift.config import ArmConfig, ConfigError, ExperimentConfig
-from specdrift.paths import drafter_dir, target_dir, target_model_arg
-from specdrift.processes import Child, ProcessStack, StartupError, free_port, port_in_use, start_child, wait_healthy
+from core.config import ArmConfig, ConfigError, ExperimentConfig
+from core.paths import drafter_dir, target_dir, target_model_arg
+from core.processes import Child, ProcessStack, StartupError, free_port, port_in_use, start_child, wait_healthy
 
 log = logging.getLogger(__name__)
 

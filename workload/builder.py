@@ -6,7 +6,7 @@ The workload file is JSON Lines, one request a line, with these fields:
 |---|---|
 | `id` | unique, `{task}:{source_id}`; sent as `X-Specdrift-Prompt-Id` |
 | `task` | task name; sent as `X-Specdrift-Task` |
-| `stratum` | length stratum (loadgen/strata.py); sent as `X-Specdrift-Stratum` |
+| `stratum` | length stratum (workload/strata.py); sent as `X-Specdrift-Stratum` |
 | `messages` | OpenAI chat messages, the last one the user's |
 | `max_tokens` | the output budget (the task's `max_tokens`) |
 | `prompt_tokens` | prompt length in target tokens, chat template included |
@@ -25,14 +25,14 @@ replay interleaves the tasks), then the train rows in dataset order.
 
 How a workload is built (`build`):
 
-1. Each configured dataset's adapter yields prompts (loadgen/datasets.py).
+1. Each configured dataset's adapter yields prompts (workload/datasets.py).
    A prompt whose content an earlier dataset already produced is a duplicate
    and is dropped (so the order of `datasets` decides which copy is kept).
 2. Prompts and reference outputs are tokenized with the target's tokenizer
    and chat template. A prompt with prompt_tokens + max_tokens above the
    target's max_model_len is excluded and counted, never truncated.
 3. The split is a seeded hash of the prompt's split group
-   (loadgen/sampling.py): same seed, same split. Every train prompt is
+   (workload/sampling.py): same seed, same split. Every train prompt is
    written; the eval rows are n_per_cell per (task, stratum) where
    available, with the shortfall reported, plus the length-matched controls,
    drawn from eval prompts that are not already in the eval set.
@@ -44,6 +44,7 @@ length-divergence analysis), `workload.summary.md` and `workload.lengths.png`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -51,10 +52,15 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadgen import strata
-from loadgen.datasets import Item, dataset_tasks, load_items
-from loadgen.sampling import EVAL, TRAIN, length_matched, split_of, stratified_sample
-from specdrift.config import ExperimentConfig
+from core.config import ExperimentConfig
+from core.contracts import EVAL, TRAIN, workload_sidecar
+from core.models import sha256_file
+from core.paths import target_model_arg
+from workload import strata
+from workload.datasets import Item, dataset_tasks, load_items, source_path
+from workload.lengths import PromptTokenizer
+from workload.sampling import length_matched, split_of, stratified_sample
+from workload.summary import plot_lengths, summary_markdown
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,26 @@ def tag_vocabulary(config: ExperimentConfig) -> dict[str, list[str]]:
     edges = strata.check_edges(config.workload.prompt_strata, "prompt_strata")
     output = strata.check_edges(config.workload.output_strata, "output_strata") if config.workload.output_strata else None
     return {"task": tasks, "stratum": strata.all_strata(edges, output)}
+
+
+def fingerprint(config: ExperimentConfig) -> str:
+    """A hash of everything the built rows are made from: the workload
+    settings, the content of every dataset file read, the target's tokenizer
+    and context length, and this package's code. Cheap: nothing is tokenized."""
+    sources = {}
+    for spec in config.workload.datasets:
+        path = source_path(config, spec)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        sources[spec.adapter + ":" + (spec.path or "")] = {
+            str(f.relative_to(path) if path.is_dir() else f.name): sha256_file(f) for f in files if f.exists()}
+    target = Path(target_model_arg(config))
+    tokenizer = {p.name: sha256_file(p) for p in sorted(target.glob("tokenizer*")) + sorted(target.glob("*.jinja"))
+                 } if target.is_dir() else str(target)
+    code = {p.name: sha256_file(p) for p in sorted(Path(__file__).parent.glob("*.py"))}
+    settings = config.workload.model_dump(mode="json", exclude={"data_dir"})
+    parts = {"settings": settings, "sources": sources, "tokenizer": tokenizer,
+             "max_model_len": config.target.max_model_len, "code": code}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def read_datasets(config: ExperimentConfig) -> tuple[list[tuple[Item, int]], list[dict]]:
@@ -152,9 +178,6 @@ def build(config: ExperimentConfig, tokenizer=None) -> Built:
     if not wl.datasets:
         raise WorkloadError("workload.datasets is empty")
     if tokenizer is None:
-        from loadgen.lengths import PromptTokenizer
-        from specdrift.paths import target_model_arg
-
         tokenizer = PromptTokenizer(target_model_arg(config))
 
     # 1. read, drop duplicates across and within datasets (first copy wins)
@@ -244,37 +267,9 @@ def write_workload(rows: list[dict], path: str | Path) -> Path:
 def save_built(built: Built, path: str | Path) -> Path:
     """The workload file and its sidecars: build.json (the build report, which
     the divergence tables read), summary.md and lengths.png."""
-    from loadgen.summary import plot_lengths, summary_markdown
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sidecar(path, "build.json").write_text(json.dumps(built.report, indent=1) + "\n")
-    sidecar(path, "summary.md").write_text(summary_markdown(built.rows, built.report))
-    plot_lengths(built.report, sidecar(path, "lengths.png"))
+    workload_sidecar(path, "build.json").write_text(json.dumps(built.report, indent=1) + "\n")
+    workload_sidecar(path, "summary.md").write_text(summary_markdown(built.rows, built.report))
+    plot_lengths(built.report, workload_sidecar(path, "lengths.png"))
     return write_workload(built.rows, path)  # last: its presence means the build is complete
-
-
-def read_workload(path: str | Path, split: str | None = None) -> list[dict]:
-    """The rows of a workload file, optionally of one split only."""
-    path = Path(path)
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise WorkloadError(f"{path}:{number}: not JSON ({err.msg})") from None
-            missing = {"id", "task", "stratum", "messages", "max_tokens", "split"} - set(row)
-            if missing:
-                raise WorkloadError(f"{path}:{number}: missing {', '.join(sorted(missing))}")
-            if split is None or row["split"] == split:
-                rows.append(row)
-    return rows
-
-
-def sidecar(path: str | Path, kind: str) -> Path:
-    """workload.jsonl -> workload.<kind> (build.json, summary.md, lengths.png)."""
-    path = Path(path)
-    return path.with_name(path.name.removesuffix(".jsonl") + "." + kind)

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import httpx
 
-from specdrift.arms import HOST, launch_arm
-from specdrift.config import ArmConfig, ExperimentConfig
-from specdrift.paths import drafter_dir
-from specdrift.processes import ProcessStack, StartupError, free_port
+from core.arms import HOST, launch_arm
+from core.config import ArmConfig, ExperimentConfig
+from core.paths import drafter_dir
+from core.processes import ProcessStack, StartupError, free_port
 
 METHOD = ("median over {n} eval prompts of the TPOT of the draft model served alone on vLLM over the baseline's "
           "TPOT, {max_tokens} forced output tokens, one request at a time, the two servers alternating")

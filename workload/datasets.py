@@ -12,7 +12,7 @@ output (for its length), and two keys:
   being the same prompt share a group, so that they land in the same split:
   the NQ question with and without its passage, the queries on one meeting.
 
-The templates that turn raw fields into prompts are in loadgen/templates.py.
+The templates that turn raw fields into prompts are in workload/templates.py.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loadgen import templates
-from specdrift.config import NAME_PATTERN, DatasetSpec, ExperimentConfig
+from workload import templates
+from core.config import NAME_PATTERN, DatasetSpec, ExperimentConfig
 
 
 class DatasetError(ValueError):

@@ -1,11 +1,14 @@
 """The experiment runner behind `specdrift run`: from a config to a run
 directory holding everything the analysis needs.
 
-Phases: prepare models and drafters, build the workload, start every arm (all
-stay up, so that requests can be paired in time), start the gateway (and
-Prometheus where it is installed), replay the eval prompts under each load
-regime with Locust, time each draft model alone against the baseline for the
-cost ratio c (loadgen/cost.py, cost.json), then write the report.
+Steps: prepare the target model, build the workload (once: the drafters take
+their train split from it), build the drafters that are missing or stale,
+start every arm (all stay up, so that requests can be paired in time), start
+the gateway (and Prometheus where it is installed), replay the eval prompts
+under each load regime with Locust, time each draft model alone against the
+baseline for the cost ratio c (specdrift/cost.py, cost.json), then write the
+report. The console gets specdrift's own progress; every child's output
+(vLLM's engine logs among them) goes to `logs/`.
 
 Pairing in time: in the sequential regime each prompt goes to every arm in a
 rotating order, with the baseline twice (its agreement with itself is the
@@ -19,14 +22,16 @@ Run directory (`runs/<run id>/`):
 |---|---|
 | `config.resolved.yaml` | the config as run, every default filled in |
 | `environment.json` | versions, CPU, model and drafter file hashes |
-| `state.json` | phases done, arms that died; what `--resume` reads |
+| `state.json` | regimes done, arms that died; what `--resume` reads |
 | `workload.jsonl` (+ `.build.json`, `.summary.md`, `.lengths.png`) | the prompts, with split and stratum; the build report |
 | `records.sqlite` | one row per request (the gateway's records) |
 | `cost.json` | the measured draft/target cost ratio c per draft-model arm |
-| `locust/<regime>_*.csv` | Locust's own statistics per phase |
-| `logs/` | one log per arm, the gateway, Prometheus and each Locust phase |
+| `locust/<regime>_*.csv` | Locust's own statistics per regime |
+| `logs/` | one log per arm, the gateway, Prometheus, each Locust regime and each target-response generation |
 | `drafters/<name>/drafter_card.json` | what each drafter learned from |
 | `results.json`, `report.md`, `report.html`, `figures/` | the answer |
+
+core/contracts.py's `RunFiles` names these paths for every reader.
 """
 
 from __future__ import annotations
@@ -34,8 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sqlite3
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,68 +47,45 @@ from pathlib import Path
 
 import yaml
 
-from specdrift.config import ExperimentConfig, LoadRegime
-from specdrift.processes import Child, ProcessStack, StartupError, log_tail, start_child
+import loadgen
+from analysis.report import write_report
+from analysis.rundir import RunDirError
+from core.arms import missing_inputs, start_arms
+from core.config import ExperimentConfig, LoadRegime
+from core.contracts import EVAL, RunFiles, count_records, read_workload
+from core.environment import describe
+from core.models import directory_hashes, prepare_target
+from core.paths import drafter_dir, target_dir
+from core.processes import Child, ProcessStack, log_tail, start_child
+from loadgen.shapes import locust_shape_options
+from service.launch import start_gateway
+from specdrift.cost import measure_costs
+from specdrift.prepare import prepare_drafters
+from specdrift.prometheus import start_prometheus
+from workload.builder import build, save_built, tag_vocabulary
 
 log = logging.getLogger(__name__)
 
-LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+LOCUSTFILE = Path(loadgen.__file__).resolve().parent / "locustfile.py"
 PROGRESS_EVERY_S = 10.0
 
 
 @dataclass
-class RunDir:
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.resolved.yaml"
-
-    @property
-    def environment(self) -> Path:
-        return self.root / "environment.json"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def workload(self) -> Path:
-        return self.root / "workload.jsonl"
-
-    @property
-    def records(self) -> Path:
-        return self.root / "records.sqlite"
-
-    @property
-    def locust(self) -> Path:
-        return self.root / "locust"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def drafters(self) -> Path:
-        return self.root / "drafters"
-
-
-@dataclass
 class RunState:
-    """What has been done; saved after every phase so that --resume can go on."""
+    """What has been done; saved after every regime so that --resume can go on."""
 
     run_id: str
-    phases: dict[str, dict] = field(default_factory=dict)
+    regimes: dict[str, dict] = field(default_factory=dict)
     dead_arms: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> "RunState":
         data = json.loads(path.read_text())
-        return cls(run_id=data["run_id"], phases=data.get("phases", {}), dead_arms=data.get("dead_arms", {}))
+        return cls(run_id=data["run_id"], regimes=data.get("regimes", {}), dead_arms=data.get("dead_arms", {}))
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"run_id": self.run_id, "phases": self.phases, "dead_arms": self.dead_arms},
+        tmp.write_text(json.dumps({"run_id": self.run_id, "regimes": self.regimes, "dead_arms": self.dead_arms},
                                   indent=2, sort_keys=True) + "\n")
         tmp.replace(path)
 
@@ -118,11 +98,11 @@ def new_run_id(config: ExperimentConfig) -> str:
     return f"{config.name}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
 
 
-def open_run_dir(config: ExperimentConfig, out: Path | None, resume: bool) -> tuple[RunDir, RunState]:
+def open_run_dir(config: ExperimentConfig, out: Path | None, resume: bool) -> tuple[RunFiles, RunState]:
     if resume:
         if out is None:
             raise RunError("--resume needs --out RUN_DIR, the run to continue")
-        run = RunDir(out)
+        run = RunFiles(out)
         if not run.state.exists():
             raise RunError(f"{out} is not a specdrift run directory (no state.json) to resume")
         state = RunState.load(run.state)
@@ -132,7 +112,7 @@ def open_run_dir(config: ExperimentConfig, out: Path | None, resume: bool) -> tu
                            f"--config {run.config} or start a new run")
         return run, state
     run_id = out.name if out else new_run_id(config)
-    run = RunDir(out or Path("runs") / run_id)
+    run = RunFiles(out or Path("runs") / run_id)
     if run.state.exists():
         raise RunError(f"{run.root} already holds a run; use --resume to continue it or choose another --out")
     for folder in (run.root, run.locust, run.logs, run.drafters):
@@ -150,22 +130,17 @@ def resolved_config(config: ExperimentConfig) -> dict:
     return data
 
 
-def write_environment(config: ExperimentConfig, run: RunDir, drafter_names: list[str]) -> None:
-    from specdrift.environment import describe
-    from specdrift.models import MANIFEST, directory_hashes
-    from specdrift.paths import drafter_dir, target_dir
-
+def write_environment(config: ExperimentConfig, run: RunFiles, drafter_names: list[str]) -> None:
     env = describe()
     env["target"] = {"dir": str(target_dir(config)), "files": directory_hashes(target_dir(config))}
     env["drafters"] = {}
     for name in drafter_names:
         ddir = drafter_dir(config, name)
         env["drafters"][name] = {"dir": str(ddir), "files": directory_hashes(ddir)}
-        card = ddir / "drafter_card.json"
+        card = RunFiles(ddir.parent).drafter_card(name)
         if card.exists():
-            (run.drafters / name).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(card, run.drafters / name / "drafter_card.json")
-    env.pop(MANIFEST, None)
+            run.drafter_card(name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(card, run.drafter_card(name))
     run.environment.write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
 
 
@@ -180,21 +155,6 @@ def drafters_used(config: ExperimentConfig, arm_names: list[str]) -> list[str]:
 
 # --- progress ---------------------------------------------------------------
 
-def count_records(db: Path, run_id: str, regime: str) -> tuple[int, int]:
-    """(requests recorded, of which failed) for one phase."""
-    if not db.exists():
-        return 0, 0
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            row = conn.execute(
-                # A sweep's steps are recorded as '<label>.<step>'.
-                "SELECT COUNT(*), SUM(status != 'ok') FROM requests WHERE run_id = ? AND (regime = ? OR regime LIKE ?)",
-                (run_id, regime, regime + ".%")).fetchone()
-    except sqlite3.Error:
-        return 0, 0
-    return int(row[0] or 0), int(row[1] or 0)
-
-
 def format_eta(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s"
@@ -202,18 +162,18 @@ def format_eta(seconds: float) -> str:
 
 def progress_line(label: str, done: int, errors: int, expected: int, elapsed: float,
                   max_seconds: float | None = None) -> str:
-    """ETA: the rate so far over what is left, or the phase's time bound if that comes first."""
+    """ETA: the rate so far over what is left, or the regime's time bound if that comes first."""
     eta_s = elapsed / done * (expected - done) if 0 < done < expected else None
     if max_seconds is not None and done < expected:
         eta_s = min(eta_s if eta_s is not None else max_seconds, max(0.0, max_seconds - elapsed))
     eta = format_eta(eta_s) if eta_s is not None else "-"
-    return f"phase {label}: {done}/{expected} requests, {errors} errors, {elapsed:.0f}s elapsed, ETA {eta}"
+    return f"regime {label}: {done}/{expected} requests, {errors} errors, {elapsed:.0f}s elapsed, ETA {eta}"
 
 
-# --- phases -------------------------------------------------------------------
+# --- regimes ------------------------------------------------------------------
 
-def phase_arms(config: ExperimentConfig, regime: LoadRegime, live_arms: list[str]) -> list[str]:
-    """Arms in a phase; in the sequential regime the baseline goes twice, for
+def regime_arms(config: ExperimentConfig, regime: LoadRegime, live_arms: list[str]) -> list[str]:
+    """Arms in a regime; in the sequential regime the baseline goes twice, for
     its agreement with itself."""
     arms = list(live_arms)
     if regime.kind == "sequential" and config.baseline_arm in arms:
@@ -227,15 +187,13 @@ def expected_requests(regime: LoadRegime, n_prompts: int, n_arm_slots: int) -> i
     return regime.max_requests
 
 
-def locust_command(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, run: RunDir, run_id: str,
+def locust_command(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, run: RunFiles, run_id: str,
                    arms: list[str], max_requests: int) -> list[str]:
-    from loadgen.shapes import locust_shape_options
-
     return [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
         "--host", gateway_url,
         "--csv", str(run.locust / regime.label),
-        "--workload", str(run.workload), "--split", "eval",
+        "--workload", str(run.workload), "--split", EVAL,
         "--arms", ",".join(arms),
         "--run-id", run_id, "--regime-label", regime.label,
         "--max-requests", str(max_requests),
@@ -246,25 +204,25 @@ def locust_command(config: ExperimentConfig, regime: LoadRegime, gateway_url: st
     ]
 
 
-def run_phase(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, run: RunDir, state: RunState,
+def run_regime(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, run: RunFiles, state: RunState,
               arm_children: dict[str, Child], n_prompts: int, progress=print) -> None:
     live = [a for a in arm_children if a not in state.dead_arms]
-    arms = phase_arms(config, regime, live)
+    arms = regime_arms(config, regime, live)
     expected = expected_requests(regime, n_prompts, len(arms))
-    # max_requests bounds the phase, an interrupted part included: a resumed
-    # phase sends only what is left (and --skip-done skips pairs already answered).
+    # max_requests bounds the regime, an interrupted part included: a resumed
+    # regime sends only what is left (and --skip-done skips pairs already answered).
     sent_before, _ = count_records(run.records, state.run_id, regime.label)
     left = max(0, regime.max_requests - sent_before)
-    state.phases[regime.label] = {"status": "running", "started": time.time(), "arms": arms}
+    state.regimes[regime.label] = {"status": "running", "started": time.time(), "arms": arms}
     if left == 0:
-        progress(f"phase {regime.label}: its {regime.max_requests} requests were sent before the interruption")
-        finish_phase(run, state, regime.label)
+        progress(f"regime {regime.label}: its {regime.max_requests} requests were sent before the interruption")
+        finish_regime(run, state, regime.label)
         return
     cmd = locust_command(config, regime, gateway_url, run, state.run_id, arms, left)
     log_path = run.logs / f"locust-{regime.label}.log"
-    progress(f"phase {regime.label}: arms {', '.join(arms)}; up to {expected} requests, {regime.max_seconds:.0f}s")
+    progress(f"regime {regime.label}: arms {', '.join(arms)}; up to {expected} requests, {regime.max_seconds:.0f}s")
     if regime.kind != "sequential" and regime.max_seconds < regime.block_seconds * len(arms):
-        progress(f"phase {regime.label}: WARNING: {regime.max_seconds:.0f}s holds fewer than one "
+        progress(f"regime {regime.label}: WARNING: {regime.max_seconds:.0f}s holds fewer than one "
                  f"{regime.block_seconds:.0f}s block for each of the {len(arms)} arms; the last arms may get none")
     state.save(run.state)
     started = time.monotonic()
@@ -286,18 +244,18 @@ def run_phase(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, ru
         child.stop()
     report_progress()
     if child.proc.returncode not in (0, 1):  # locust exits 1 when any request failed
-        raise RunError(f"Locust failed in phase {regime.label} (exit {child.proc.returncode}); "
+        raise RunError(f"Locust failed in regime {regime.label} (exit {child.proc.returncode}); "
                        f"last lines of {log_path}:\n{log_tail(log_path)}")
-    finish_phase(run, state, regime.label)
+    finish_regime(run, state, regime.label)
 
 
-def finish_phase(run: RunDir, state: RunState, label: str) -> None:
+def finish_regime(run: RunFiles, state: RunState, label: str) -> None:
     done, errors = count_records(run.records, state.run_id, label)
-    state.phases[label].update(status="done", ended=time.time(), requests=done, errors=errors)
+    state.regimes[label].update(status="done", ended=time.time(), requests=done, errors=errors)
     state.save(run.state)
 
 
-def note_dead_arms(arm_children: dict[str, Child], state: RunState, run: RunDir, progress=print) -> None:
+def note_dead_arms(arm_children: dict[str, Child], state: RunState, run: RunFiles, progress=print) -> None:
     for name, child in arm_children.items():
         if name not in state.dead_arms and not child.alive():
             state.dead_arms[name] = f"exited with code {child.proc.returncode} at {time.time():.0f}"
@@ -310,21 +268,22 @@ def note_dead_arms(arm_children: dict[str, Child], state: RunState, run: RunDir,
 
 def run_experiment(config: ExperimentConfig, out: Path | None = None, resume: bool = False,
                    arm_names: list[str] | None = None, progress=print) -> Path:
-    from drafters.build import build_missing_drafters
-    from loadgen.cost import measure_costs
-    from loadgen.workload import build, read_workload, save_built, tag_vocabulary
-    from service.launch import start_gateway
-    from specdrift.arms import missing_inputs, start_arms
-    from specdrift.models import prepare_target
-    from specdrift.prometheus import start_prometheus
-
     started = time.monotonic()
     run, state = open_run_dir(config, out, resume)
-    progress(f"run {state.run_id} in {run.root}")
+    progress(f"run {state.run_id} in {run.root}; every server's log goes to {run.logs}")
 
-    progress("== prepare models")
+    progress("== target model")
     prepare_target(config, progress)
-    build_missing_drafters(config)
+
+    progress("== workload")
+    if not run.workload.exists():
+        save_built(build(config), run.workload)
+    rows = read_workload(run.workload)
+    eval_rows = [r for r in rows if r["split"] == EVAL]
+    progress(f"workload: {len(rows)} rows, {len(eval_rows)} eval prompts")
+
+    progress("== drafters")
+    prepare_drafters(config, run.logs, rows, progress)
     chosen = arm_names or [a.name for a in config.arms]
     local = [n for n in chosen if config.arm(n).local]
     usable = [n for n in chosen if not (config.arm(n).optional and missing_inputs(config, config.arm(n)))]
@@ -332,38 +291,27 @@ def run_experiment(config: ExperimentConfig, out: Path | None = None, resume: bo
         progress(f"arm {name} skipped: {'; '.join(missing_inputs(config, config.arm(name)))}")
     write_environment(config, run, drafters_used(config, [n for n in usable if n in local]))
 
-    progress("== workload")
-    if not run.workload.exists():
-        save_built(build(config), run.workload)
-    rows = read_workload(run.workload)
-    n_eval = sum(1 for r in rows if r["split"] == "eval")
-    progress(f"workload: {len(rows)} rows, {n_eval} eval prompts")
-
     with ProcessStack() as stack:
         progress("== arms")
         upstreams = start_arms(config, usable, run.logs, stack)
         arm_children = {c.name.removeprefix("arm "): c for c in stack.children}
-        gateway_url = start_gateway(config, upstreams, run.logs, stack, records_path=run.records,
-                                    run_ids=[state.run_id], vocabulary=tag_vocabulary(config))
+        gateway_url = start_gateway(config, upstreams, run.logs, stack, vocabulary=tag_vocabulary(config),
+                                    records_path=run.records, run_ids=[state.run_id])
         progress(f"gateway: {gateway_url}")
-        prometheus_url = start_prometheus(config, gateway_url, upstreams, run.root / "prometheus", stack)
+        prometheus_url = start_prometheus(config, gateway_url, upstreams, run.prometheus, stack)
         if prometheus_url:
             progress(f"prometheus: {prometheus_url}")
         for regime in config.regimes:
-            if state.phases.get(regime.label, {}).get("status") == "done":
-                progress(f"phase {regime.label}: done earlier, skipped")
+            if state.regimes.get(regime.label, {}).get("status") == "done":
+                progress(f"regime {regime.label}: done earlier, skipped")
                 continue
-            run_phase(config, regime, gateway_url, run, state, arm_children, n_eval, progress)
+            run_regime(config, regime, gateway_url, run, state, arm_children, len(eval_rows), progress)
         if config.baseline_arm in arm_children and config.baseline_arm not in state.dead_arms:
             progress("== cost ratio c")
             measure_costs(config, [n for n in arm_children if n not in state.dead_arms],
-                          upstreams[config.baseline_arm][0], [r for r in rows if r["split"] == "eval"],
-                          run.root / "cost.json", run.logs, progress)
+                          upstreams[config.baseline_arm][0], eval_rows, run.cost, run.logs, progress)
 
     progress("== report")
-    from analysis.report import write_report
-    from analysis.rundir import RunDirError
-
     try:
         write_report(run.root)
     except RunDirError as err:

@@ -1,0 +1,240 @@
+"""The names every floor must agree on, in one place: the request tags that
+clients send, the per-request record that the gateway stores and the runner,
+Locust and the analysis read, the statuses a record can end in, the regime
+labels, the order of strata, the workload file and the run directory.
+
+Whoever writes one of these and whoever reads it import it from here, so a
+rename is one edit. docs/formats.md describes each for people.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# --- request tags (HTTP headers) -------------------------------------------
+
+# Tag field -> header. Header names are case-insensitive; these are lower case.
+TAG_HEADERS = {
+    "run_id": "x-specdrift-run",
+    "task": "x-specdrift-task",
+    "stratum": "x-specdrift-stratum",
+    "prompt_id": "x-specdrift-prompt-id",
+    "regime": "x-specdrift-regime",
+}
+REQUEST_ID_HEADER = "X-Specdrift-Request-Id"
+TAG_VALUE_PATTERN = r"[A-Za-z0-9._:@+-]{1,128}"
+TAG_MISSING = "none"  # a tag the client did not send
+
+
+def tag_headers(*, run_id: str, task: str, stratum: str, prompt_id: str, regime: str) -> dict[str, str]:
+    """The headers a client sends to tag one request."""
+    values = {"run_id": run_id, "task": task, "stratum": stratum, "prompt_id": prompt_id, "regime": regime}
+    return {TAG_HEADERS[field]: value for field, value in values.items()}
+
+
+# --- how a request ended --------------------------------------------------------
+
+OK = "ok"
+CLIENT_DISCONNECT = "client_disconnect"
+UPSTREAM_ERROR = "upstream_error"  # the arm answered with an error
+UPSTREAM_UNAVAILABLE = "upstream_unavailable"  # no replica reachable
+UPSTREAM_TIMEOUT = "upstream_timeout"
+UPSTREAM_DIED = "upstream_died"  # the connection broke mid-stream
+GATEWAY_SHUTDOWN = "gateway_shutdown"  # cancelled when the gateway stopped
+STATUSES = (OK, CLIENT_DISCONNECT, UPSTREAM_ERROR, UPSTREAM_UNAVAILABLE, UPSTREAM_TIMEOUT, UPSTREAM_DIED,
+            GATEWAY_SHUTDOWN)
+
+
+# --- per-request records ----------------------------------------------------------
+
+RECORDS_TABLE = "requests"
+# Column -> SQLite type; the meaning of each is in service/records.py's docstring.
+RECORD_COLUMNS: dict[str, str] = {
+    "request_id": "TEXT PRIMARY KEY",
+    "run_id": "TEXT", "arm": "TEXT", "task": "TEXT", "stratum": "TEXT", "prompt_id": "TEXT", "regime": "TEXT",
+    "endpoint": "TEXT", "stream": "INTEGER", "upstream": "TEXT",
+    "status": "TEXT", "http_status": "INTEGER", "error": "TEXT", "finish_reason": "TEXT",
+    "t_start": "REAL", "t_first_token": "REAL", "t_end": "REAL",
+    "ttft_s": "REAL", "e2e_s": "REAL", "tpot_s": "REAL",
+    "itl_mean_s": "REAL", "itl_p50_s": "REAL", "itl_p99_s": "REAL", "itl_max_s": "REAL", "itl_json": "TEXT",
+    "prompt_tokens": "INTEGER", "completion_tokens": "INTEGER", "max_tokens": "INTEGER", "temperature": "REAL",
+    "spec_drafts": "INTEGER", "spec_draft_tokens": "INTEGER", "spec_accepted_tokens": "INTEGER",
+    "spec_accepted_per_pos": "TEXT", "spec_json": "TEXT",
+    "output_hash": "TEXT", "output_hash_kind": "TEXT", "output_text": "TEXT",
+}
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+
+
+def read_records(path: str | Path, run_id: str | None = None) -> list[dict[str, Any]]:
+    """All records (of one run, if given), oldest first, as dicts keyed by
+    column. Read-only: the gateway may be writing meanwhile. A column that an
+    older store lacks reads as None."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no record store at {path}")
+    conn = _read_only(path)
+    try:
+        conn.row_factory = sqlite3.Row
+        where, params = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
+        rows = conn.execute(f"SELECT * FROM {RECORDS_TABLE} {where} ORDER BY t_start, request_id",
+                            params).fetchall()
+    finally:
+        conn.close()
+    return [{column: row[column] if column in row.keys() else None for column in RECORD_COLUMNS} for row in rows]
+
+
+def count_records(path: str | Path, run_id: str, regime: str) -> tuple[int, int]:
+    """(requests recorded, of which not ok) for one run and regime, a sweep's
+    steps included; (0, 0) while the store does not exist or is busy."""
+    path = Path(path)
+    if not path.exists():
+        return 0, 0
+    try:
+        with _read_only(path) as conn:
+            row = conn.execute(
+                f"SELECT COUNT(*), SUM(status != ?) FROM {RECORDS_TABLE} "
+                "WHERE run_id = ? AND (regime = ? OR regime LIKE ?)",
+                (OK, run_id, regime, regime + STEP_JOIN + "%")).fetchone()
+    except sqlite3.Error:
+        return 0, 0
+    return int(row[0] or 0), int(row[1] or 0)
+
+
+# --- regime labels ------------------------------------------------------------------
+
+def regime_label(kind: str, users: int | None = None, rate: float | None = None) -> str:
+    """A regime's name in records and reports: 'sequential', 'concurrency-4', 'poisson-0.5'."""
+    if kind == "concurrency":
+        return f"concurrency-{users}"
+    if kind == "poisson":
+        return f"poisson-{rate:g}"
+    return kind
+
+
+STEP_JOIN = "."
+
+
+def step_regime(regime: str | None, step: str, steps: int) -> str:
+    """The label a step's requests are recorded under: the regime's own label
+    when it has one step, else '<regime>.<step>' (a sweep without a label of
+    its own is 'sweep')."""
+    if steps == 1:
+        return regime or step
+    return f"{regime or 'sweep'}{STEP_JOIN}{step}"
+
+
+# --- strata ------------------------------------------------------------------------------
+
+def stratum_key(label: str):
+    """Strata sort by their lower prompt bound (`p64-256` after `p0-64`), then
+    output bound; labels without numbers go last."""
+    numbers = [int(n) for n in re.findall(r"\d+", str(label))]
+    return (0, numbers, str(label)) if numbers else (1, [], str(label))
+
+
+# --- the workload file ------------------------------------------------------------------
+
+# Fields every workload row has; workload/builder.py documents them all.
+WORKLOAD_REQUIRED = ("id", "task", "stratum", "messages", "max_tokens", "split")
+TRAIN, EVAL = "train", "eval"
+
+
+class WorkloadFileError(ValueError):
+    """A workload file that cannot be read; the message names the line."""
+
+
+def read_workload(path: str | Path, split: str | None = None) -> list[dict]:
+    """The rows of a workload file, optionally of one split only."""
+    path = Path(path)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise WorkloadFileError(f"{path}:{number}: not JSON ({err.msg})") from None
+            missing = set(WORKLOAD_REQUIRED) - set(row)
+            if missing:
+                raise WorkloadFileError(f"{path}:{number}: missing {', '.join(sorted(missing))}")
+            if split is None or row["split"] == split:
+                rows.append(row)
+    return rows
+
+
+def workload_sidecar(path: str | Path, kind: str) -> Path:
+    """workload.jsonl -> workload.<kind> (build.json, summary.md, lengths.png)."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".jsonl") + "." + kind)
+
+
+# --- drafters ---------------------------------------------------------------------------------
+
+DRAFTER_CARD = "drafter_card.json"  # beside a drafter's weights; drafters/card.py documents it
+
+
+# --- the run directory ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where each file of a run directory (`runs/<run id>/`) lives; the runner
+    writes them, the analysis reads them. specdrift/runner.py's docstring says
+    what each holds."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.resolved.yaml"
+
+    @property
+    def environment(self) -> Path:
+        return self.root / "environment.json"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def workload(self) -> Path:
+        return self.root / "workload.jsonl"
+
+    @property
+    def workload_build(self) -> Path:
+        return workload_sidecar(self.workload, "build.json")
+
+    @property
+    def records(self) -> Path:
+        return self.root / "records.sqlite"
+
+    @property
+    def cost(self) -> Path:
+        return self.root / "cost.json"
+
+    @property
+    def locust(self) -> Path:
+        return self.root / "locust"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def prometheus(self) -> Path:
+        return self.root / "prometheus"
+
+    @property
+    def drafters(self) -> Path:
+        return self.root / "drafters"
+
+    def drafter_card(self, name: str) -> Path:
+        return self.drafters / name / DRAFTER_CARD
