@@ -40,39 +40,23 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from drafters.card import read_card  # noqa: E402
 from core.arms import start_arms  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.paths import drafter_dir  # noqa: E402
 from core.processes import ProcessStack  # noqa: E402
+from core.streaming import stream_chat  # noqa: E402
+from drafters.card import read_card  # noqa: E402
+from workload.builder import build_workload  # noqa: E402
 
 TIMEOUT = httpx.Timeout(300.0, connect=5.0)
 
 
 def stream_completion(client: httpx.Client, base_url: str, model: str, row: dict) -> dict:
     """One streamed greedy chat completion: timings, token count, spec-decode stats."""
-    body = {"model": model, "messages": row["messages"], "max_tokens": row["max_tokens"], "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    started = time.perf_counter()
-    first = None
-    usage, spec, text = None, None, []
-    with client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            for choice in chunk.get("choices", []):
-                if choice.get("delta", {}).get("content"):
-                    first = first or time.perf_counter()
-                    text.append(choice["delta"]["content"])
-            usage = chunk.get("usage") or usage
-            spec = (chunk.get("metrics") or {}).get("speculative_decoding") or spec
-    ended = time.perf_counter()
-    tokens = usage["completion_tokens"] if usage else 0
-    first = first or ended
-    return {"tokens": tokens, "e2e_s": ended - started, "ttft_s": first - started,
-            "tpot_s": (ended - first) / (tokens - 1) if tokens > 1 else None, "spec": spec, "text": "".join(text)}
+    done = stream_chat(client, base_url, {"model": model, "messages": row["messages"],
+                                          "max_tokens": row["max_tokens"], "temperature": 0.0})
+    return {"tokens": done.tokens, "e2e_s": done.e2e_s, "ttft_s": done.ttft_s, "tpot_s": done.tpot_s,
+            "spec": done.spec, "text": done.text}
 
 
 def alpha_from_tau(tau: float, k: int) -> float:
@@ -157,8 +141,6 @@ def main() -> int:
     names = ([n.strip() for n in args.arms.split(",")] if args.arms else
              [a.name for a in config.arms if a.speculative and a.speculative.drafter])
     arms = [baseline] + names
-    from workload.builder import build_workload
-
     rows = [r for r in build_workload(config) if r["split"] == "eval" and "control" not in r]
     if args.max_prompts_per_task:
         by_task: dict[str, list[dict]] = defaultdict(list)

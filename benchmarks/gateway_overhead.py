@@ -34,8 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.settings import GatewaySettings
 from core.processes import ProcessStack, free_port, start_child, wait_healthy
+from service.settings import GatewaySettings
 
 REPO = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

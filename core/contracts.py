@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -184,57 +183,24 @@ DRAFTER_CARD = "drafter_card.json"  # beside a drafter's weights; drafters/card.
 
 # --- the run directory ---------------------------------------------------------------------
 
-@dataclass(frozen=True)
 class RunFiles:
     """Where each file of a run directory (`runs/<run id>/`) lives; the runner
     writes them, the analysis reads them. specdrift/runner.py's docstring says
     what each holds."""
 
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.resolved.yaml"
-
-    @property
-    def environment(self) -> Path:
-        return self.root / "environment.json"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def workload(self) -> Path:
-        return self.root / "workload.jsonl"
-
-    @property
-    def workload_build(self) -> Path:
-        return workload_sidecar(self.workload, "build.json")
-
-    @property
-    def records(self) -> Path:
-        return self.root / "records.sqlite"
-
-    @property
-    def cost(self) -> Path:
-        return self.root / "cost.json"
-
-    @property
-    def locust(self) -> Path:
-        return self.root / "locust"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def prometheus(self) -> Path:
-        return self.root / "prometheus"
-
-    @property
-    def drafters(self) -> Path:
-        return self.root / "drafters"
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.resolved.yaml"
+        self.environment = self.root / "environment.json"
+        self.state = self.root / "state.json"
+        self.workload = self.root / "workload.jsonl"
+        self.workload_build = workload_sidecar(self.workload, "build.json")
+        self.records = self.root / "records.sqlite"
+        self.cost = self.root / "cost.json"
+        self.locust = self.root / "locust"
+        self.logs = self.root / "logs"
+        self.prometheus = self.root / "prometheus"
+        self.drafters = self.root / "drafters"
 
     def drafter_card(self, name: str) -> Path:
         return self.drafters / name / DRAFTER_CARD

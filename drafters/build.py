@@ -29,15 +29,15 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from core.arms import vllm_env
+from core.config import ExperimentConfig
+from core.models import directory_hashes, sha256_file
+from core.paths import drafter_dir, target_dir, target_model_arg
 from drafters import data as data_module
 from drafters.card import card_problem, inputs_hash, length_record, read_card, update_card, write_card
 from drafters.data import drafter_tasks, select_prompts
 from drafters.recipe import Recipe, recipe_for
 from drafters.responses import generate_responses
-from core.arms import vllm_env
-from core.config import ExperimentConfig
-from core.models import directory_hashes, sha256_file
-from core.paths import drafter_dir, target_dir, target_model_arg
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict], workload_fing
         f"{expected_hash_of(target_files, config.target.dtype)}-top{recipe.top_k}.jsonl")
     responses = generate_responses([p.request for p in prompts], cache, Path(target_model_arg(config)),
                                    config.target.dtype, config.target.max_model_len, recipe.top_k, vllm_env(config),
-                                   log_dir / f"responses-{name}.log", progress=lambda msg: progress(f"drafter {name}: {msg}"))
+                                   log_dir / f"responses-{name}.log",
+                                   progress=lambda msg: progress(f"drafter {name}: {msg}"))
     generation_s = time.monotonic() - gen_started
 
     # The starting network and its vocabulary.

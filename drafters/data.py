@@ -11,9 +11,9 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
+from core.config import ConfigError, DrafterConfig
 from drafters.recipe import Recipe
 from drafters.responses import Request
-from core.config import ConfigError, DrafterConfig
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,12 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from core.contracts import UPSTREAM_DIED, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE
+
 ERROR_SOURCE_HEADER = "X-Specdrift-Error-Source"
 
-# Error `type` for each status the gateway itself answers with.
+# Error `type` for each status the gateway itself answers with; an upstream
+# failure is typed by its record status.
 TYPE_FOR_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -24,9 +27,9 @@ TYPE_FOR_STATUS = {
     413: "invalid_request_error",
     422: "invalid_request_error",
     500: "internal_error",
-    502: "upstream_died",
-    503: "upstream_unavailable",
-    504: "upstream_timeout",
+    502: UPSTREAM_DIED,
+    503: UPSTREAM_UNAVAILABLE,
+    504: UPSTREAM_TIMEOUT,
 }
 
 

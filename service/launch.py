@@ -9,9 +9,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.settings import settings_from_config
 from core.config import ExperimentConfig
 from core.processes import ProcessStack, StartupError, free_port, port_in_use, start_child, wait_healthy
+from service.settings import settings_from_config
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+from core.contracts import OK, UPSTREAM_DIED, UPSTREAM_ERROR, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE
+
 LABELS = ("run", "arm", "task", "stratum")
 # vLLM caps num_speculative_tokens far below this; it bounds `position` against a misbehaving upstream.
 MAX_POSITIONS = 32
@@ -21,8 +23,8 @@ SECONDS_E2E = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 SECONDS_TTFT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 SECONDS_PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
-UPSTREAM_ERROR_KINDS = {"upstream_error": "error", "upstream_unavailable": "unavailable",
-                        "upstream_timeout": "timeout", "upstream_died": "died"}
+UPSTREAM_ERROR_KINDS = {UPSTREAM_ERROR: "error", UPSTREAM_UNAVAILABLE: "unavailable", UPSTREAM_TIMEOUT: "timeout",
+                        UPSTREAM_DIED: "died"}
 
 
 class GatewayMetrics:
@@ -83,7 +85,7 @@ class GatewayMetrics:
         kind = UPSTREAM_ERROR_KINDS.get(status)
         if kind:
             self.upstream_errors.labels(arm, kind).inc()
-        if status == "ok":
+        if status == OK:
             series.duration.observe(record["e2e_s"])
             if record["ttft_s"] is not None:
                 series.ttft.observe(record["ttft_s"])

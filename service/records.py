@@ -220,6 +220,7 @@ def export_records(records: list[dict[str, Any]], fmt: str, out: IO[bytes]) -> N
         writer.writerows(records)
         text.detach()  # leave `out` open for the caller
     elif fmt == "parquet":
+        # Here, not at the top: pyarrow is slow to import and only parquet export needs it.
         import pyarrow as pa
         import pyarrow.parquet as pq
 

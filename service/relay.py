@@ -7,7 +7,10 @@ failure still becomes a proper HTTP error (503, 504, the arm's own 4xx).
 After that, a failure becomes an SSE error event that ends the stream.
 
 A task watches for the client going away and cancels the relay; cancelling
-closes the upstream connection, which makes vLLM abort the request."""
+closes the upstream connection, which makes vLLM abort the request.
+
+A relay gets what all relays share (`RelayContext`) from its caller and
+knows nothing of the application around it."""
 
 from __future__ import annotations
 
@@ -15,19 +18,20 @@ import asyncio
 import json
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from starlette.responses import Response
 
+from core.contracts import (CLIENT_DISCONNECT, GATEWAY_SHUTDOWN, OK, UPSTREAM_DIED, UPSTREAM_ERROR, UPSTREAM_TIMEOUT,
+                            UPSTREAM_UNAVAILABLE)
 from service.assemble import Assembly
 from service.errors import ERROR_SOURCE_HEADER, error_body
 from service.measure import Measurement
-from service.records import RecordStoreError
-from service.upstreams import Arm, Replica
-
-if TYPE_CHECKING:
-    from service.app import Gateway
+from service.metrics import GatewayMetrics
+from service.records import RecordStore, RecordStoreError
+from service.upstreams import Replica, Upstream
 
 UPSTREAM_PATH = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 DONE = b"[DONE]"
@@ -49,6 +53,16 @@ def strip_injected(data: bytes) -> bytes:
     if b'_ids"' in data or b'_text"' in data:
         data = _INJECTED_ANY.sub(b"", data)
     return data
+
+
+@dataclass(frozen=True, slots=True)
+class RelayContext:
+    """What every relay of one gateway shares."""
+
+    client: aiohttp.ClientSession
+    store: RecordStore
+    metrics: GatewayMetrics
+    read_timeout_s: float  # only for the messages: the client session applies it
 
 
 class UpstreamFailure(Exception):
@@ -85,18 +99,18 @@ def split_events(buffer: bytearray) -> list[bytes]:
 class Relay(Response):
     """The route's response; FastAPI calls it as an ASGI app."""
 
-    def __init__(self, gateway: Gateway, arm: Arm, measurement: Measurement, payload: dict[str, Any],
-                 client_wants_usage: bool, client_wants_token_ids: bool):
+    def __init__(self, context: RelayContext, upstream: Upstream, measurement: Measurement,
+                 payload: dict[str, Any], client_wants_usage: bool, client_wants_token_ids: bool):
         self.background = None  # what FastAPI expects of a Response
-        self.gateway = gateway
-        self.arm = arm
+        self.context = context
+        self.upstream = upstream
         self.measurement = measurement
         self.payload = payload
         self.client_wants_usage = client_wants_usage
         self.client_wants_token_ids = client_wants_token_ids
         info = measurement.info
         self.stream = info.stream
-        self.assembly = None if info.stream else Assembly(info.endpoint, arm.name, client_wants_token_ids)
+        self.assembly = None if info.stream else Assembly(info.endpoint, upstream.name, client_wants_token_ids)
         self.client_gone = False
         self.recorded = False
         self.finished = False
@@ -106,8 +120,8 @@ class Relay(Response):
     async def __call__(self, scope, receive, send) -> None:
         task = asyncio.current_task()
         watcher = asyncio.create_task(self._cancel_on_disconnect(receive, task))
-        self.arm.in_flight += 1
-        in_flight = self.gateway.metrics.in_flight.labels(self.arm.name)
+        self.upstream.in_flight += 1
+        in_flight = self.context.metrics.in_flight.labels(self.upstream.name)
         in_flight.inc()
         try:
             await self._relay(send)
@@ -118,7 +132,7 @@ class Relay(Response):
             task.uncancel()
         finally:
             watcher.cancel()
-            self.arm.in_flight -= 1
+            self.upstream.in_flight -= 1
             in_flight.dec()
 
     async def _cancel_on_disconnect(self, receive, task: asyncio.Task) -> None:
@@ -133,16 +147,16 @@ class Relay(Response):
     # --- the exchange ----------------------------------------------------------
     async def _relay(self, send) -> None:
         try:
-            replica, upstream = await self._open()
+            replica, response = await self._open()
         except UpstreamFailure as failure:
             await self._fail(send, failure)
             return
         reusable = False
         try:
-            if upstream.status != 200:
-                await self._pass_upstream_error(send, upstream)
+            if response.status != 200:
+                await self._pass_upstream_error(send, response)
                 return
-            chunks = upstream.content.iter_any()
+            chunks = response.content.iter_any()
             failure = await self._pump(send, chunks)
             if failure is None:
                 # Read the body's end (right behind [DONE]) so the connection can be reused.
@@ -154,9 +168,9 @@ class Relay(Response):
             # Closing (rather than releasing) a connection mid-stream is what
             # tells vLLM to abort the request.
             if reusable:
-                upstream.release()
+                response.release()
             else:
-                upstream.close()
+                response.close()
         if failure is not None:
             await self._fail(send, failure)
 
@@ -167,18 +181,18 @@ class Relay(Response):
         after one retry on a fresh connection: a pooled connection may have
         been closed by the arm a moment earlier, and a dying arm may still
         accept connections for a moment without answering them."""
-        gateway, info = self.gateway, self.measurement.info
+        context, upstream, info = self.context, self.upstream, self.measurement.info
         url_path = UPSTREAM_PATH[info.endpoint]
         headers = {"content-type": "application/json", "accept-encoding": "identity",
                    "x-request-id": info.request_id}
         last_error = "no replica"
-        for replica in self.arm.by_preference():
-            self.payload["model"] = replica.served_model or self.arm.name
+        for replica in upstream.by_preference():
+            self.payload["model"] = replica.served_model or upstream.name
             body = json.dumps(self.payload).encode()
             for attempt in (1, 2):
                 replica.outstanding += 1
                 try:
-                    response = await gateway.client.post(replica.url + url_path, data=body, headers=headers)
+                    response = await context.client.post(replica.url + url_path, data=body, headers=headers)
                 except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
                         aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
                     replica.outstanding -= 1
@@ -191,19 +205,19 @@ class Relay(Response):
                 except asyncio.TimeoutError as err:
                     replica.outstanding -= 1
                     self.measurement.upstream = replica.url
-                    raise UpstreamFailure("upstream_timeout", 504, f"arm {self.arm.name!r} did not answer within "
-                                          f"{gateway.settings.read_timeout_s:g}s ({type(err).__name__})") from None
+                    raise UpstreamFailure(UPSTREAM_TIMEOUT, 504, f"arm {upstream.name!r} did not answer within "
+                                          f"{context.read_timeout_s:g}s ({type(err).__name__})") from None
                 except aiohttp.ClientError as err:
                     replica.outstanding -= 1
                     self.measurement.upstream = replica.url
-                    raise UpstreamFailure("upstream_died", 502, f"arm {self.arm.name!r} failed: "
+                    raise UpstreamFailure(UPSTREAM_DIED, 502, f"arm {upstream.name!r} failed: "
                                           f"{type(err).__name__}: {err}") from None
                 except BaseException:
                     replica.outstanding -= 1
                     raise
                 self.measurement.upstream = replica.url
                 return replica, response
-        raise UpstreamFailure("upstream_unavailable", 503, f"arm {self.arm.name!r} is unreachable ({last_error})")
+        raise UpstreamFailure(UPSTREAM_UNAVAILABLE, 503, f"arm {upstream.name!r} is unreachable ({last_error})")
 
     async def _pump(self, send, chunks) -> UpstreamFailure | None:
         """Relay the arm's events until [DONE]; returns the failure that ended it early, if any."""
@@ -223,7 +237,7 @@ class Relay(Response):
                     try:
                         event = json.loads(data)
                     except ValueError:
-                        failure = UpstreamFailure("upstream_error", 502,
+                        failure = UpstreamFailure(UPSTREAM_ERROR, 502,
                                                   f"arm sent an event that is not JSON: {data[:200]!r}")
                         break
                     if not isinstance(event, dict):
@@ -231,7 +245,7 @@ class Relay(Response):
                     if "error" in event:  # vLLM's error event; nothing after it counts
                         error = event["error"]
                         message = error.get("message") if isinstance(error, dict) else str(error)
-                        failure = UpstreamFailure("upstream_error", 502, f"arm reported an error mid-stream: "
+                        failure = UpstreamFailure(UPSTREAM_ERROR, 502, f"arm reported an error mid-stream: "
                                                   f"{message}", client_told=assembly is None)
                         if assembly is None:
                             outgoing.append(forward(data))
@@ -253,12 +267,12 @@ class Relay(Response):
                 if failure is not None:
                     return failure
         except asyncio.TimeoutError:
-            return UpstreamFailure("upstream_timeout", 504, f"arm {self.arm.name!r} sent nothing for "
-                                   f"{self.gateway.settings.read_timeout_s:g}s")
+            return UpstreamFailure(UPSTREAM_TIMEOUT, 504, f"arm {self.upstream.name!r} sent nothing for "
+                                   f"{self.context.read_timeout_s:g}s")
         except aiohttp.ClientError as err:
-            return UpstreamFailure("upstream_died", 502, f"arm {self.arm.name!r} broke the stream: "
+            return UpstreamFailure(UPSTREAM_DIED, 502, f"arm {self.upstream.name!r} broke the stream: "
                                    f"{type(err).__name__}: {err}")
-        return UpstreamFailure("upstream_died", 502, f"arm {self.arm.name!r} ended the stream without [DONE]")
+        return UpstreamFailure(UPSTREAM_DIED, 502, f"arm {self.upstream.name!r} ended the stream without [DONE]")
 
     def _measure(self, now: float, choice: dict[str, Any], chat: bool) -> None:
         if chat:
@@ -278,9 +292,9 @@ class Relay(Response):
     def _forwarder(self):
         """How an arm's event becomes the client's: without the injected fields, under the arm's name."""
         strip = not self.client_wants_token_ids
-        served = self.payload["model"]
-        renamed = (b'"model":' + json.dumps(served).encode(), b'"model":' + json.dumps(self.arm.name).encode()) \
-            if served != self.arm.name else None
+        served, arm = self.payload["model"], self.upstream.name
+        renamed = (b'"model":' + json.dumps(served).encode(), b'"model":' + json.dumps(arm).encode()) \
+            if served != arm else None
 
         def forward(data: bytes) -> bytes:
             if strip:
@@ -293,7 +307,7 @@ class Relay(Response):
 
     # --- endings -------------------------------------------------------------
     async def _complete(self, send, outgoing: list[bytes]) -> None:
-        record = self.measurement.record("ok", 200)
+        record = self.measurement.record(OK, 200)
         await self._commit(record)
         if self.stream:
             await self._send_stream(send, b"".join(outgoing) + DONE_EVENT, last=True)
@@ -311,39 +325,39 @@ class Relay(Response):
             await self._send_stream(send, sse_data({"error": error}) + DONE_EVENT, last=True)
         else:
             await self._send_whole(send, failure.http_status,
-                                   error_body(failure.http_status, failure.message, failure.status), upstream=True)
+                                   error_body(failure.http_status, failure.message, failure.status), from_upstream=True)
 
-    async def _pass_upstream_error(self, send, upstream: aiohttp.ClientResponse) -> None:
+    async def _pass_upstream_error(self, send, response: aiohttp.ClientResponse) -> None:
         """The arm refused the request (e.g. a prompt too long): pass its answer on."""
-        body = await upstream.read()
+        body = await response.read()
         try:
             parsed = json.loads(body)
             message = str(parsed["error"]["message"])
         except (ValueError, KeyError, TypeError):
-            message = body[:500].decode(errors="replace") or f"HTTP {upstream.status}"
-            body = error_body(upstream.status, message, "upstream_error")
-        record = self.measurement.record("upstream_error", upstream.status, message)
+            message = body[:500].decode(errors="replace") or f"HTTP {response.status}"
+            body = error_body(response.status, message, UPSTREAM_ERROR)
+        record = self.measurement.record(UPSTREAM_ERROR, response.status, message)
         await self._commit(record)
-        await self._send_whole(send, upstream.status, body, upstream=True)
+        await self._send_whole(send, response.status, body, from_upstream=True)
 
     def _finish_cancelled(self) -> None:
         """Record a request cut short by the client leaving or the gateway stopping."""
         if self.recorded:  # cut short while its record was being committed: that record stands
             return
-        status = "client_disconnect" if self.client_gone else "gateway_shutdown"
+        status = CLIENT_DISCONNECT if self.client_gone else GATEWAY_SHUTDOWN
         record = self.measurement.record(status, 200 if self.started else None,
                                          "client disconnected" if self.client_gone else "gateway stopped")
-        self.gateway.store.write_nowait(record)
-        self.gateway.metrics.observe(record, self.measurement.info.labels, self.measurement.gaps)
+        self.context.store.write_nowait(record)
+        self.context.metrics.observe(record, self.measurement.info.labels, self.measurement.gaps)
 
     async def _commit(self, record: dict[str, Any]) -> None:
         """Store the record, and wait for it, before the client hears the request is done."""
         self.recorded = True
         try:
-            await self.gateway.store.write(record)
+            await self.context.store.write(record)
         except RecordStoreError:
-            self.gateway.metrics.record_write_failures.inc()
-        self.gateway.metrics.observe(record, self.measurement.info.labels, self.measurement.gaps)
+            self.context.metrics.record_write_failures.inc()
+        self.context.metrics.observe(record, self.measurement.info.labels, self.measurement.gaps)
 
     # --- to the client -----------------------------------------------------------
     @staticmethod
@@ -362,9 +376,9 @@ class Relay(Response):
             self.finished = True
         await send({"type": "http.response.body", "body": body, "more_body": not last})
 
-    async def _send_whole(self, send, status: int, body: bytes, upstream: bool = False) -> None:
+    async def _send_whole(self, send, status: int, body: bytes, from_upstream: bool = False) -> None:
         self.started = self.finished = True
-        headers = self._headers(b"application/json", upstream_error=upstream)
+        headers = self._headers(b"application/json", upstream_error=from_upstream)
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

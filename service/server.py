@@ -14,6 +14,7 @@ from service.settings import GatewaySettings
 
 
 def run(settings: GatewaySettings) -> None:
+    # Here, not at the top: specdrift's CLI imports this module, and these cost every command ~0.3 s.
     import uvicorn
 
     from service.app import create_app

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.tags import Vocabulary
 from core.config import ExperimentConfig
+from service.tags import Vocabulary
 
 
 class GatewaySettings(BaseModel):

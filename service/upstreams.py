@@ -1,8 +1,9 @@
-"""Arms and their replicas. Each request goes to the replica of its arm with
-the fewest outstanding requests; ties go round-robin, so idle replicas share
-sequential load too. A replica that refuses the connection is skipped for
-that request and the next one is tried; for a few seconds afterwards it is
-tried last."""
+"""Where the gateway sends each arm's requests: an arm's `Upstream` is its
+replicas and the requests it is serving. Each request goes to the replica
+with the fewest outstanding requests; ties go round-robin, so idle replicas
+share sequential load too. A replica that refuses the connection is skipped
+for that request and the next one is tried; for a few seconds afterwards it
+is tried last."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ class Replica:
 
 
 @dataclass
-class Arm:
+class Upstream:
+    """One arm as the gateway routes to it."""
+
     name: str
     replicas: list[Replica]
     in_flight: int = 0
@@ -46,5 +49,6 @@ class Arm:
         return sorted(rotated, key=lambda r: (r.refused_until > now, r.outstanding))
 
 
-def build_arms(upstreams: dict[str, list[str]]) -> dict[str, Arm]:
-    return {name: Arm(name, [Replica(name, url) for url in urls]) for name, urls in upstreams.items()}
+def build_upstreams(urls_by_arm: dict[str, list[str]]) -> dict[str, Upstream]:
+    """Arm name -> its Upstream, from arm name -> replica base URLs."""
+    return {name: Upstream(name, [Replica(name, url) for url in urls]) for name, urls in urls_by_arm.items()}

@@ -4,6 +4,7 @@ their errors into one line for the user; the work itself lives in them."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -31,14 +32,28 @@ from workload import builder
 from workload.summary import summary_markdown
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("prepare", help="build the target model (and missing drafters) into the cache")
-    p.add_argument("--config", required=True, help="experiment config file (YAML)")
-    p.add_argument("--skip-drafters", action="store_true", help="only the target model")
-    p.set_defaults(handler=prepare_command)
+def add_command(subparsers, name: str, help: str, handler, config: bool = True) -> argparse.ArgumentParser:
+    """A subcommand that runs `handler(args)`; most read an experiment config."""
+    parser = subparsers.add_parser(name, help=help)
+    if config:
+        parser.add_argument("--config", required=True, help="experiment config file (YAML)")
+    parser.set_defaults(handler=handler)
+    return parser
 
-    s = subparsers.add_parser("serve", help="run the arms (and the gateway) in the foreground until Ctrl-C")
-    s.add_argument("--config", required=True, help="experiment config file (YAML)")
+
+def add_group(subparsers, name: str, help: str, metavar: str = "ACTION"):
+    """A command with subcommands (`specdrift workload build`); its choice is args.<name>_command."""
+    return subparsers.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", metavar=metavar,
+                                                                  required=True)
+
+
+def register(subparsers) -> None:
+    p = add_command(subparsers, "prepare", "build the target model (and missing drafters) into the cache",
+                    prepare_command)
+    p.add_argument("--skip-drafters", action="store_true", help="only the target model")
+
+    s = add_command(subparsers, "serve", "run the arms (and the gateway) in the foreground until Ctrl-C",
+                    serve_command)
     s.add_argument("--arms", help="comma-separated arm names (default: all)")
     s.add_argument("--no-gateway", action="store_true", help="start the arms only")
     s.add_argument("--log-dir", help="folder for per-process logs (default: <cache>/logs/serve)")
@@ -48,62 +63,49 @@ def register(subparsers) -> None:
                         "other values are counted as 'other')")
     s.add_argument("--records", help="SQLite file for per-request records (default: gateway.records_path, "
                                      "else <cache>/records.sqlite)")
-    s.set_defaults(handler=serve_command)
 
-    r = subparsers.add_parser("run", help="run the whole experiment and write the report")
-    r.add_argument("--config", required=True, help="experiment config file (YAML)")
+    r = add_command(subparsers, "run", "run the whole experiment and write the report", run_command)
     r.add_argument("--out", help="run directory (default: runs/<name>-<UTC time>)")
     r.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     r.add_argument("--arms", help="comma-separated arm names (default: all)")
-    r.set_defaults(handler=run_command)
 
-    workload = subparsers.add_parser("workload", help="build or inspect a length-stratified workload file")
-    actions = workload.add_subparsers(dest="workload_command", metavar="ACTION", required=True)
-    b = actions.add_parser("build", help="datasets in the config -> workload.jsonl (+ summary, histogram)")
-    b.add_argument("--config", required=True, help="experiment config file (YAML)")
+    actions = add_group(subparsers, "workload", "build or inspect a length-stratified workload file")
+    b = add_command(actions, "build", "datasets in the config -> workload.jsonl (+ summary, histogram)",
+                    workload_build_command)
     b.add_argument("--out", default="workload.jsonl", help="workload file to write (default: workload.jsonl)")
-    b.set_defaults(handler=workload_build_command)
-    w = actions.add_parser("show", help="print a workload file's summary")
+    w = add_command(actions, "show", "print a workload file's summary", workload_show_command, config=False)
     w.add_argument("file", help="a workload.jsonl")
-    w.set_defaults(handler=workload_show_command)
 
-    drafter = subparsers.add_parser("drafter", help="build and inspect draft models distilled from the target")
-    commands = drafter.add_subparsers(dest="drafter_command", metavar="SUBCOMMAND", required=True)
-    d = commands.add_parser(
-        "distill", help="generate target responses on the train split, distil a drafter, write its card")
-    d.add_argument("--config", required=True, help="experiment config file (YAML)")
+    commands = add_group(subparsers, "drafter", "build and inspect draft models distilled from the target",
+                         metavar="SUBCOMMAND")
+    d = add_command(commands, "distill", "generate target responses on the train split, distil a drafter, "
+                    "write its card", drafter_distill_command)
     d.add_argument("--drafter", required=True, help="name of a drafter in the config's `drafters`")
     d.add_argument("--force", action="store_true", help="rebuild even if the cached drafter is up to date")
-    d.set_defaults(handler=drafter_distill_command)
-    h = commands.add_parser("show", help="print a built drafter's card summary")
-    h.add_argument("--config", required=True, help="experiment config file (YAML)")
+    h = add_command(commands, "show", "print a built drafter's card summary", drafter_show_command)
     h.add_argument("--drafter", required=True, help="drafter name")
-    h.set_defaults(handler=drafter_show_command)
 
-    a = subparsers.add_parser("report", help="analyse a run directory: results.json, report.md/.html, figures/")
+    a = add_command(subparsers, "report", "analyse a run directory: results.json, report.md/.html, figures/",
+                    report_command, config=False)
     a.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `specdrift run`")
     a.add_argument("--out", help="write the outputs here instead of into RUN_DIR")
-    a.set_defaults(handler=report_command)
 
-    c = subparsers.add_parser("compare", help="set two runs side by side")
+    c = add_command(subparsers, "compare", "set two runs side by side", compare_command, config=False)
     c.add_argument("run_a", metavar="RUN_A")
     c.add_argument("run_b", metavar="RUN_B")
     c.add_argument("--out", help="write compare.json, compare.md and compare.html here (default: print Markdown)")
-    c.set_defaults(handler=compare_command)
 
-    records = subparsers.add_parser("records", help="per-request records of the gateway")
-    record_actions = records.add_subparsers(dest="records_command", metavar="ACTION", required=True)
-    e = record_actions.add_parser("export", help="write one run's records as parquet, csv or jsonl")
+    record_actions = add_group(subparsers, "records", "per-request records of the gateway")
+    e = add_command(record_actions, "export", "write one run's records as parquet, csv or jsonl",
+                    records_export_command)
     e.add_argument("run_id", metavar="RUN_ID", help="the run's id (X-Specdrift-Run); 'all' for every record")
-    e.add_argument("--config", required=True, help="experiment config file (YAML)")
     e.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     e.add_argument("--out", help="output file (default: stdout)")
     e.add_argument("--records", help="SQLite record store (default: runs/RUN_ID/records.sqlite if it exists, "
                                      "else the config's gateway.records_path, else <cache>/records.sqlite)")
-    e.set_defaults(handler=records_export_command)
 
-    g = subparsers.add_parser("gateway", help="run the gateway in the foreground in front of running arms")
-    g.add_argument("--config", required=True, help="experiment config file (YAML)")
+    g = add_command(subparsers, "gateway", "run the gateway in the foreground in front of running arms",
+                    gateway_command)
     g.add_argument("--upstream", action="append", default=[], metavar="ARM=URL",
                    help="an arm and one replica's base URL; repeat for more arms or replicas "
                         "(default: the config's arms that list upstreams)")
@@ -113,7 +115,6 @@ def register(subparsers) -> None:
                                      "else <cache>/records.sqlite)")
     g.add_argument("--run-id", action="append", default=[], dest="run_ids", metavar="ID",
                    help="a run id to keep as a Prometheus label value (others count as 'other')")
-    g.set_defaults(handler=gateway_command)
 
 
 def arm_names(config: ExperimentConfig, text: str | None) -> list[str] | None:
@@ -215,8 +216,9 @@ def drafter_distill_command(args) -> int:
     config = load_config(args.config)
     config.drafter(args.drafter)  # an unknown name fails before any work
     built = builder.build(config)
-    out = distill(config, args.drafter, built.rows, builder.fingerprint(config), config.cache_path / "logs" / "drafters",
-                  force=args.force, progress=lambda msg: print(msg, flush=True))
+    log_dir = config.cache_path / "logs" / "drafters"
+    out = distill(config, args.drafter, built.rows, builder.fingerprint(config), log_dir, force=args.force,
+                  progress=lambda msg: print(msg, flush=True))
     print(f"drafter {args.drafter}: {out}")
     return 0
 

@@ -7,8 +7,8 @@ settings and times plain decoding on it and on the baseline arm: the same eval
 prompts, one request at a time, the two servers alternating (drafter first on
 even prompts, baseline first on odd ones) so that drift cancels, each request
 forced to `max_tokens` output tokens (ignore_eos). A request's step time is its
-TPOT, (time of the last token - time of the first) / (tokens - 1); c is the
-median over prompts of drafter TPOT / baseline TPOT. Requests go to the
+TPOT as the gateway's records define it (core/streaming.py); c is the median
+over prompts of drafter TPOT / baseline TPOT. Requests go to the
 servers directly, not through the gateway, so they leave no records.
 
 Inside speculative decoding vLLM runs the drafter within the target's engine
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 
 import httpx
@@ -29,6 +28,7 @@ from core.arms import HOST, launch_arm
 from core.config import ArmConfig, ExperimentConfig
 from core.paths import drafter_dir
 from core.processes import ProcessStack, StartupError, free_port
+from core.streaming import stream_chat
 
 METHOD = ("median over {n} eval prompts of the TPOT of the draft model served alone on vLLM over the baseline's "
           "TPOT, {max_tokens} forced output tokens, one request at a time, the two servers alternating")
@@ -44,26 +44,11 @@ def draft_model_path(config: ExperimentConfig, arm: ArmConfig) -> str | None:
 
 def decode_step_s(client: httpx.Client, url: str, model: str, messages: list[dict], max_tokens: int) -> float:
     """One streamed request's TPOT in seconds."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    first = last = None
-    tokens = 0
-    with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[len("data: "):])
-            now = time.perf_counter()
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices", []):
-                if choice.get("delta", {}).get("content") or choice.get("finish_reason"):
-                    first = first if first is not None else now
-                    last = now
-    if first is None or tokens < 2:
-        raise RuntimeError(f"{url}: {tokens} tokens streamed; cannot time a decode step")
-    return (last - first) / (tokens - 1)
+    streamed = stream_chat(client, url, {"model": model, "messages": messages, "max_tokens": max_tokens,
+                                         "temperature": 0.0, "ignore_eos": True})
+    if streamed.tpot_s is None:
+        raise RuntimeError(f"{url}: {streamed.tokens} tokens streamed; cannot time a decode step")
+    return streamed.tpot_s
 
 
 def time_pair(draft_url: str, draft_model: str, base_url: str, base_model: str, rows: list[dict],

@@ -52,7 +52,7 @@ from analysis.report import write_report
 from analysis.rundir import RunDirError
 from core.arms import missing_inputs, start_arms
 from core.config import ExperimentConfig, LoadRegime
-from core.contracts import EVAL, RunFiles, count_records, read_workload
+from core.contracts import DRAFTER_CARD, EVAL, RunFiles, count_records, read_workload
 from core.environment import describe
 from core.models import directory_hashes, prepare_target
 from core.paths import drafter_dir, target_dir
@@ -137,7 +137,7 @@ def write_environment(config: ExperimentConfig, run: RunFiles, drafter_names: li
     for name in drafter_names:
         ddir = drafter_dir(config, name)
         env["drafters"][name] = {"dir": str(ddir), "files": directory_hashes(ddir)}
-        card = RunFiles(ddir.parent).drafter_card(name)
+        card = ddir / DRAFTER_CARD
         if card.exists():
             run.drafter_card(name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(card, run.drafter_card(name))

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from specdrift.cli import main
 from core.config import ConfigError, load_config
+from specdrift.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 

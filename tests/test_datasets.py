@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from workload.datasets import BUILT_IN, DatasetError, Item, load_items
-from workload.builder import read_datasets, tag_vocabulary
 from core.config import DatasetSpec, LengthControl
+from workload.builder import read_datasets, tag_vocabulary
+from workload.datasets import BUILT_IN, DatasetError, Item, load_items
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "own-data.jsonl"

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from drafters.build import distill, expected_hash_of
+from core.config import ConfigError, DrafterConfig, TargetConfig
+from core.models import directory_hashes
+from drafters.build import distill, expected_hash_of, stale_drafters
 from drafters.card import CARD_FILE, HISTOGRAM_EDGES, card_problem, read_card
 from drafters.data import prompt_ids
 from drafters.model import drafter_from_target, save_drafter
 from drafters.recipe import REDUCED_RECIPE, Recipe, recipe_for
 from drafters.responses import prompt_sha
 from drafters.vocab import VocabMap, choose_vocabulary, load_target_ids
-from core.config import ConfigError, DrafterConfig, TargetConfig
-from core.models import directory_hashes
 
 TEXTS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
          "Translate German to English: Das ist ein kleines Haus am See.",
@@ -201,6 +201,12 @@ def test_tiny_distillation_lowers_loss_writes_a_complete_card_and_is_reused(
     assert distill(config, "narrow", rows, "test-workload", tmp_path / "logs", progress=messages.append) == out
     assert all("up to date" in m for m in messages), messages
     assert read_card(out)["created"] == card["created"]
+
+    # The cheap check agrees: nothing stale for this workload, everything for another one.
+    assert stale_drafters(config, "test-workload") == []
+    assert stale_drafters(config, "another-workload") == ["generic", "narrow"]
+    (out / "config.json").write_text((out / "config.json").read_text() + " ")
+    assert stale_drafters(config, "test-workload") == ["narrow"]
 
 
 def test_card_hashes_detect_changed_inputs_and_files(cpu_config, target_dir, tmp_path):

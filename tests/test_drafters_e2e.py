@@ -10,12 +10,12 @@ import json
 import httpx
 import pytest
 
-from drafters.build import distill
-from drafters.card import read_card
-from drafters.recipe import REDUCED_RECIPE
 from core.arms import launch_arm
 from core.config import ArmConfig, DrafterConfig, SpeculativeConfig, TargetConfig
 from core.processes import ProcessStack, free_port
+from drafters.build import distill
+from drafters.card import read_card
+from drafters.recipe import REDUCED_RECIPE
 from specdrift.cost import measure_costs
 from workload.builder import build, fingerprint
 

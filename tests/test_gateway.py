@@ -23,10 +23,10 @@ import openai
 import pytest
 import schemathesis
 
-from service.launch import start_gateway
 from core.contracts import read_records
-from service.settings import GatewaySettings
 from core.processes import ProcessStack, free_port, start_child, wait_healthy
+from service.launch import start_gateway
+from service.settings import GatewaySettings
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_UPSTREAM = REPO / "benchmarks" / "fake_upstream.py"

@@ -14,10 +14,11 @@ import httpx
 import openai
 import pytest
 
-from service.launch import start_gateway
 from core.contracts import read_records
 from core.processes import ProcessStack, free_port
+from service.launch import start_gateway
 from test_gateway import fuzz, metric_samples, metric_sum, wait_for
+from workload.builder import tag_vocabulary
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +32,10 @@ def gateway(real_arms, cpu_config, data_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("gateway-e2e")
     stack = ProcessStack()
     try:
-        # No vocabulary given: the gateway takes the config's tasks and strata.
+        # The config's tasks and strata, so the metrics can be checked per task.
         url = start_gateway(cpu_config, {arm: [u] for arm, u in real_arms.items()}, logs, stack,
-                            records_path=logs / "records.sqlite", port=0, run_ids=["e2e"])
+                            records_path=logs / "records.sqlite", port=0, run_ids=["e2e"],
+                            vocabulary=tag_vocabulary(cpu_config))
         yield {"url": url, "records": logs / "records.sqlite", "arms": real_arms}
     finally:
         stack.stop_all()

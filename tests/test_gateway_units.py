@@ -15,7 +15,7 @@ from service.relay import split_events, strip_injected
 from service.schemas import request_models
 from service.settings import GatewaySettings
 from service.tags import LabelMapper, TagError, Tags, Vocabulary, parse_tags
-from service.upstreams import build_arms
+from service.upstreams import build_upstreams
 
 
 def test_split_events_keeps_partial_events_for_the_next_read():
@@ -172,15 +172,15 @@ def test_assembly_builds_a_text_completion():
 
 
 def test_replicas_least_outstanding_first_and_refusers_last():
-    arm = build_arms({"a": ["http://r1", "http://r2", "http://r3"]})["a"]
-    r1, r2, r3 = arm.replicas
+    upstream = build_upstreams({"a": ["http://r1", "http://r2", "http://r3"]})["a"]
+    r1, r2, r3 = upstream.replicas
     r1.outstanding, r2.outstanding, r3.outstanding = 2, 0, 1
-    assert arm.by_preference() == [r2, r3, r1]
+    assert upstream.by_preference() == [r2, r3, r1]
     r2.refused()
-    assert arm.by_preference()[-1] is r2
+    assert upstream.by_preference()[-1] is r2
     r1.outstanding = r3.outstanding = 0
     r2.refused_until = 0.0
-    firsts = {arm.by_preference()[0].url for _ in range(3)}
+    firsts = {upstream.by_preference()[0].url for _ in range(3)}
     assert firsts == {"http://r1", "http://r2", "http://r3"}  # idle replicas take turns
 
 

@@ -13,10 +13,10 @@ import sqlite3
 import pyarrow.parquet as pq
 import pytest
 
-import service.records as records_module
 from core.contracts import RECORD_COLUMNS as COLUMNS
 from core.contracts import read_records
 from service.records import RecordStore, RecordStoreError, export_records
+import service.records as records_module
 from specdrift.cli import main
 
 

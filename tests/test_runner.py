@@ -99,3 +99,26 @@ def test_cost_settings_are_validated(tmp_path):
 
     with pytest.raises((ConfigError, ValueError), match="cost.max_tokens"):
         config(tmp_path, cost={"max_tokens": 1})
+
+
+def test_environment_records_the_files_and_the_run_keeps_each_drafter_s_card(tmp_path):
+    from core.contracts import RunFiles
+    from core.paths import drafter_dir
+    from specdrift.runner import write_environment
+
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "config.json").write_text("{}")
+    c = parse_config({"name": "t", "cache_dir": str(tmp_path / "cache"),
+                      "target": {"name": "tiny", "source": "path", "path": str(tmp_path / "target")},
+                      "drafters": [{"name": "generic"}], "arms": [{"name": "baseline"}]}, tmp_path / "x.yaml")
+    ddir = drafter_dir(c, "generic")
+    ddir.mkdir(parents=True)
+    (ddir / "model.safetensors").write_bytes(b"w")
+    (ddir / "drafter_card.json").write_text('{"name": "generic"}')
+    run = RunFiles(tmp_path / "run")
+    run.root.mkdir()
+    write_environment(c, run, ["generic"])
+    env = json.loads(run.environment.read_text())
+    assert set(env["drafters"]["generic"]["files"]) == {"model.safetensors", "drafter_card.json"}
+    assert set(env["target"]["files"]) == {"config.json"}
+    assert json.loads(run.drafter_card("generic").read_text()) == {"name": "generic"}

@@ -4,21 +4,20 @@ control, the file and the CLI."""
 
 import json
 import random
-from collections import Counter, defaultdict
-
 import shutil
+from collections import Counter, defaultdict
 
 import pytest
 from scipy import stats
 
-from workload import strata
-from workload.lengths import PromptTokenizer
-from workload.sampling import length_matched, split_of
+from core.config import DatasetSpec, LengthControl
 from core.contracts import read_workload
 from core.contracts import workload_sidecar as sidecar
-from workload.builder import build, tag_vocabulary, write_workload
 from specdrift.cli import main
-from core.config import DatasetSpec, LengthControl
+from workload import strata
+from workload.builder import build, fingerprint, tag_vocabulary, write_workload
+from workload.lengths import PromptTokenizer
+from workload.sampling import length_matched, split_of
 
 # The control's KS statistic against the target task's prompt lengths stays
 # below this (docs/workload.md). A random draw of 20 from the target itself
@@ -240,3 +239,15 @@ def test_prompt_tokenizer_resolves_a_hub_name_from_a_mounted_cache(tmp_path, mon
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     assert PromptTokenizer("someorg/smol-target").prompt_lengths([messages]) == \
         PromptTokenizer(target_dir).prompt_lengths([messages])
+
+
+def test_fingerprint_follows_the_settings_and_the_data_files_only(default_config, target_dir, tmp_path):
+    own = tmp_path / "own.jsonl"
+    own.write_text('{"q": "What is two plus two?", "id": 1}\n')
+    config = small_config(default_config)
+    config.workload.datasets.append(DatasetSpec(adapter="jsonl", path=str(own), task="own", fields={"prompt": "q"}))
+    first = fingerprint(config)
+    assert fingerprint(config.model_copy(deep=True)) == first  # deterministic, nothing tokenized
+    assert fingerprint(small_config(config, seed=1)) != first
+    own.write_text('{"q": "What is two plus three?", "id": 1}\n')
+    assert fingerprint(config) != first

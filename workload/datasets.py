@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from workload import templates
 from core.config import NAME_PATTERN, DatasetSpec, ExperimentConfig
+from workload import templates
 
 
 class DatasetError(ValueError):

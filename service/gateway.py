@@ -1,0 +1,130 @@
+"""One gateway process's state, in one `Gateway` object: the arms' upstreams,
+the label vocabulary, the bearer token, and, while the app is serving, the
+record store and the upstream client session. It turns an accepted request
+into a `Relay`. The routes (service/routes.py) reach it through a dependency.
+
+The upstream client is aiohttp, not httpx: httpcore 1.0's connection pool
+does O(connections²) work per request, which measured 1.6 ms of CPU per
+streamed request at 16 concurrent streams and 3.9 ms at 64, against a flat
+0.2 ms for aiohttp (benchmarks/gateway_overhead.py has the end-to-end
+figures)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from fastapi import Request
+
+from service.edge import REQUEST_ID_KEY
+from service.errors import GatewayError
+from service.measure import Measurement, RequestInfo
+from service.metrics import GatewayMetrics
+from service.records import RecordStore
+from service.relay import Relay, RelayContext
+from service.schemas import GenerationRequest
+from service.settings import GatewaySettings
+from service.tags import LabelMapper, TagError, parse_tags
+from service.upstreams import Upstream, build_upstreams
+
+log = logging.getLogger(__name__)
+
+DISCOVERY_RETRY_S = 5.0
+
+
+class Gateway:
+    """Per-process state: the arms, the shared upstream client, the store and the metrics."""
+
+    def __init__(self, settings: GatewaySettings):
+        self.settings = settings
+        self.arms: dict[str, Upstream] = build_upstreams(settings.upstreams)
+        self.metrics = GatewayMetrics(list(self.arms))
+        self.labels = LabelMapper(settings.vocabulary)
+        self.token = settings.auth_token()
+        # Both set by serving(), for the app's lifetime.
+        self.store: RecordStore | None = None
+        self.relay_context: RelayContext | None = None
+
+    def in_flight(self) -> int:
+        return sum(upstream.in_flight for upstream in self.arms.values())
+
+    def count_rejection(self, reason: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """The app's lifespan: open the store and the upstream client, and on
+        the way out give cancelled requests a moment to record themselves."""
+        settings = self.settings
+        self.store = RecordStore(settings.records_path)
+        # sock_read bounds the silence between two reads, not the whole stream.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
+                                        sock_read=settings.read_timeout_s)
+        # No connection cap: the arms queue requests themselves, and a cap
+        # here would turn load into pool waits misread as arm latency. Idle
+        # connections are dropped before vLLM's uvicorn drops them (5 s), so a
+        # request never goes out on a connection the server is closing.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as client:
+            self.relay_context = RelayContext(client, self.store, self.metrics, settings.read_timeout_s)
+            discovery = asyncio.create_task(self.discover_served_models(client))
+            log.info("gateway: arms %s; records in %s", ", ".join(self.arms), settings.records_path)
+            try:
+                yield
+            finally:
+                discovery.cancel()
+                # Requests cancelled by the server's shutdown record themselves as they unwind.
+                for _ in range(200):
+                    if not self.in_flight():
+                        break
+                    await asyncio.sleep(0.01)
+        self.store.close()
+        log.info("gateway stopped: %d records written, %d failed", self.store.written, self.store.failed)
+
+    def accept(self, request: Request, body: GenerationRequest, endpoint: str) -> Relay:
+        """Check an incoming request and turn it into a relay to its arm."""
+        try:
+            tags = parse_tags(request.headers)
+        except TagError as err:
+            raise GatewayError(400, str(err), param="headers", reason="invalid_tag") from None
+        upstream = self.arms.get(body.model)
+        if upstream is None:
+            raise GatewayError(404, f"unknown arm {body.model!r}; arms are: {', '.join(self.arms)}", param="model",
+                               reason="unknown_arm")
+        requested = body.requested_max_tokens()  # the schema holds it to the limit
+        limit = self.settings.max_tokens_limit
+        payload = body.model_dump(exclude_unset=True)
+        if requested is None:
+            payload["max_tokens"] = limit
+        # Always stream from the arm, with usage (and vLLM's per-request
+        # speculative metrics, which ride on the usage chunk) and token ids.
+        client_stream_options = payload.get("stream_options") or {}
+        payload["stream"] = True
+        payload["stream_options"] = {**client_stream_options, "include_usage": True}
+        wants_token_ids = bool(payload.get("return_token_ids"))
+        payload["return_token_ids"] = True
+        info = RequestInfo(request_id=request.scope[REQUEST_ID_KEY], arm=upstream.name, tags=tags,
+                           labels=self.labels.labels(tags), endpoint=endpoint, stream=body.stream,
+                           max_tokens=requested or limit, temperature=body.temperature)
+        return Relay(self.relay_context, upstream, Measurement(info), payload, client_wants_usage=bool(
+            client_stream_options.get("include_usage")), client_wants_token_ids=wants_token_ids)
+
+    async def discover_served_models(self, client: aiohttp.ClientSession) -> None:
+        """Learn each replica's served model name, so remote arms may serve any name."""
+        pending = [r for upstream in self.arms.values() for r in upstream.replicas]
+        while pending:
+            for replica in list(pending):
+                try:
+                    async with client.get(replica.url + "/v1/models") as response:
+                        served = [m["id"] for m in (await response.json(content_type=None))["data"]]
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError):
+                    continue
+                replica.served_model = replica.arm if replica.arm in served or not served else served[0]
+                if replica.served_model != replica.arm:
+                    log.info("arm %s: replica %s serves %r", replica.arm, replica.url, replica.served_model)
+                pending.remove(replica)
+            if pending:
+                await asyncio.sleep(DISCOVERY_RETRY_S)
