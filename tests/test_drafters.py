@@ -8,6 +8,7 @@ recipe."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,17 @@ def test_card_hashes_detect_changed_inputs_and_files(cpu_config, target_dir, tmp
 
     (directory / "model.safetensors").write_bytes(b"weightz")
     assert "files do not match" in card_problem(directory, inputs_hash(parts))
+
+
+def test_response_generation_progress_reaches_the_console_and_the_engine_log_stays_in_its_file(tmp_path):
+    from core.processes import start_child
+    from drafters.responses import PROGRESS_PREFIX, follow_progress
+
+    script = (f"import time\nprint('INFO engine line', flush=True)\n"
+              f"print('{PROGRESS_PREFIX}64/128 prompts', flush=True)\ntime.sleep(0.3)\n"
+              f"print('WARNING engine line', flush=True)\nprint('{PROGRESS_PREFIX}128/128 prompts')\n")
+    child = start_child("fake generator", [sys.executable, "-c", script], tmp_path / "responses.log")
+    shown = []
+    follow_progress(child, shown.append, poll_s=0.1)
+    assert shown == [f"{PROGRESS_PREFIX}64/128 prompts", f"{PROGRESS_PREFIX}128/128 prompts"]
+    assert "INFO engine line" in (tmp_path / "responses.log").read_text()
