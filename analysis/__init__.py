@@ -22,14 +22,17 @@ owns it). Columns read here:
   arm, regime and status. A missing column reads as null. The baseline arm is
   sent every sequential-regime eval prompt twice (two rows with the same
   prompt_id): that repeat is the noise floor for losslessness and for speed-up.
+  A prompt's task and stratum are its records' own `task` and `stratum` (the
+  tags its requests were sent with), never overwritten from the workload.
 
 `workload.jsonl`: one row per prompt with `id` (= records.prompt_id), `task`,
   `stratum`, `prompt_tokens`, `split` ('train' | 'eval') and, on the rows of a
   length-matched control, `control: {"task": A, "like": B}` (task A resampled
-  to task B's prompt lengths; their `task` is "A-like-B"). Control rows are
-  analysed as their own group and never pooled into "all". Optional: without
-  it, groups come from the records' `task` column, prompt lengths from their
-  `prompt_tokens`, and no row is known to be a control.
+  to task B's prompt lengths; their `task` is "A-like-B"). The analysis takes
+  from it only what the records lack: which prompts are controls (analysed as
+  their own task, never pooled into "all") and each prompt's length
+  (the records' `prompt_tokens` where it has none). Optional: without it,
+  prompt lengths come from the records and no row is known to be a control.
 
 `workload.build.json` (optional): `lengths = {task: {"prompt_tokens": [...],
   "ref_tokens": [...]}}` of every prompt the workload kept (both splits): the

@@ -12,58 +12,65 @@ import json
 from pathlib import Path
 
 from analysis import text
+from analysis.cells import ALL, GAINS, HEADLINE, fit_key
 from analysis.document import Bullets, Document, Heading, Paragraph, Table
-from analysis.results import ALL, HEADLINE, compute_results, find_cell
+from analysis.results import compute_results
 from analysis.rundir import load_run
+from analysis.schema import Estimate, Fit, Results
 
 
 def _disjoint(a, b) -> bool:
     return bool(a and b and (a[1] < b[0] or b[1] < a[0]))
 
 
-def _scopes(results: dict) -> set[tuple[str, str, str]]:
-    return {(c["arm"], c["regime"], c["group"]) for c in results["cells"] if c["stratum"] == ALL}
+def _scopes(results: Results) -> set[tuple[str, str, str]]:
+    return {(c.arm, c.regime, c.task) for c in results.cells if c.stratum == ALL}
 
 
 def compare_results(a: dict, b: dict) -> dict:
-    """The side-by-side numbers (written as compare.json)."""
-    order = {arm["name"]: i for i, arm in enumerate(a["run"]["arms"] + b["run"]["arms"])}
+    """The side-by-side numbers (written as compare.json) of two results.json dicts."""
+    ra, rb = Results.from_dict(a), Results.from_dict(b)
+    order = {arm.name: i for i, arm in enumerate(ra.run.arms + rb.run.arms)}
     rows = []
-    scopes = sorted(_scopes(a) | _scopes(b), key=lambda k: (order.get(k[0], 99), k[1], k[2] != ALL, k[2]))
-    for arm, regime, group in scopes:
-        ca, cb = find_cell(a["cells"], arm, regime, group), find_cell(b["cells"], arm, regime, group)
-        speed = [(c or {}).get("speedup", {}).get("tpot") for c in (ca, cb)]
-        tau = [((c or {}).get("acceptance") or {}) for c in (ca, cb)]
-        if not any(s and s.get("value") is not None for s in speed) and not any(t.get("tau") for t in tau):
+    scopes = sorted(_scopes(ra) | _scopes(rb), key=lambda k: (order.get(k[0], 99), k[1], k[2] != ALL, k[2]))
+    for arm, regime, task in scopes:
+        cells = [r.cell(arm, regime, task) for r in (ra, rb)]
+        speed = [c.speedup.tpot if c else None for c in cells]
+        tau = [c.acceptance if c else None for c in cells]
+        if not any(s and s.value is not None for s in speed) and not any(t and t.tau for t in tau):
             continue  # e.g. the baseline under load: no repeat, no drafts
         rows.append({
-            "arm": arm, "regime": regime, "group": group, "tpot_speedup": speed,
-            "tau": [{"value": t.get("tau"), "ci": t.get("tau_ci")} for t in tau],
-            "speedup_intervals_disjoint": _disjoint(*((s or {}).get("ci") for s in speed)),
-            "tau_intervals_disjoint": _disjoint(*(t.get("tau_ci") for t in tau)),
+            "arm": arm, "regime": regime, "task": task, "tpot_speedup": [s.raw if s else None for s in speed],
+            "tau": [{"value": t.tau if t else None, "ci": t.tau_ci if t else None} for t in tau],
+            "speedup_intervals_disjoint": _disjoint(*(s.ci if s else None for s in speed)),
+            "tau_intervals_disjoint": _disjoint(*(t.tau_ci if t else None for t in tau)),
         })
     measure, kind = HEADLINE
     answers = {}
-    for label, results in (("a", a), ("b", b)):
-        for entry in results["answer"]:
-            fits = entry.get("fits", {})
-            answers.setdefault(f"{entry['finetuned_arm']} vs {entry['generic_arm']}", {})[label] = {
-                y: fits.get(f"{y}|{measure}|{kind}") for y in ("log_speed_ratio", "tau_gain")}
+    for label, results in (("a", ra), ("b", rb)):
+        for entry in results.answer:
+            fits = {gain: entry.fits.get(fit_key(gain, measure, kind)) for gain in GAINS}
+            answers.setdefault(f"{entry.finetuned_arm} vs {entry.generic_arm}", {})[label] = {
+                gain: fit.raw if fit else None for gain, fit in fits.items()}
     return {
-        "runs": {label: {"run_id": r["run"]["run_id"], "name": r["run"]["name"], "records": r["inputs"]["records"],
-                         "regimes": r["run"]["regimes"], "target_dtype": r["run"]["target_dtype"],
-                         "duration_s": r["run"]["duration_s"]} for label, r in (("a", a), ("b", b))},
+        "runs": {label: {"run_id": r.run.run_id, "name": r.run.name, "records": r.inputs.records,
+                         "regimes": r.run.regimes, "target_dtype": r.run.target_dtype,
+                         "duration_s": r.run.duration_s} for label, r in (("a", ra), ("b", rb))},
         "cells": rows,
         "answer": answers,
-        "summaries": {"a": a["summary"], "b": b["summary"]},
+        "summaries": {"a": ra.summary, "b": rb.summary},
     }
 
 
-def _fit(fit: dict | None) -> str:
-    if not fit:
+def _estimate(raw: dict | None) -> Estimate | None:
+    return Estimate.from_dict(raw) if raw else None
+
+
+def _fit(raw: dict | None) -> str:
+    if not raw:
         return text.DASH
-    slope = fit["slope"]
-    return f"ρ = {text.num(fit['spearman']['rho'], 2)}, slope {text.with_ci(slope['value'], slope['ci'])}"
+    fit = Fit.from_dict(raw)
+    return f"ρ = {text.num(fit.spearman.rho, 2)}, slope {text.with_ci(fit.slope.value, fit.slope.ci)}"
 
 
 def build_document(comparison: dict) -> Document:
@@ -75,8 +82,8 @@ def build_document(comparison: dict) -> Document:
     doc.add(Heading(2, "Speed-up and acceptance per arm, regime and task"),
             Paragraph("Each run keeps its own 95% interval; '≠' marks rows whose intervals do not overlap."),
             Table(["arm", "regime", "task", "TPOT speed-up A", "TPOT speed-up B", "", "τ A", "τ B", ""],
-                  [[r["arm"], r["regime"], r["group"],
-                    text.ratio(r["tpot_speedup"][0]), text.ratio(r["tpot_speedup"][1]),
+                  [[r["arm"], r["regime"], r["task"],
+                    text.ratio(_estimate(r["tpot_speedup"][0])), text.ratio(_estimate(r["tpot_speedup"][1])),
                     "≠" if r["speedup_intervals_disjoint"] else "",
                     text.with_ci(r["tau"][0]["value"], r["tau"][0]["ci"]),
                     text.with_ci(r["tau"][1]["value"], r["tau"][1]["ci"]),
@@ -86,7 +93,7 @@ def build_document(comparison: dict) -> Document:
     if comparison["answer"]:
         doc.add(Table(["pair", "gain", "A", "B"],
                       [[pair, y, _fit(fits.get("a", {}).get(y)), _fit(fits.get("b", {}).get(y))]
-                       for pair, fits in comparison["answer"].items() for y in ("log_speed_ratio", "tau_gain")]))
+                       for pair, fits in comparison["answer"].items() for y in GAINS]))
     else:
         doc.add(Paragraph("Neither run measured a fine-tuned/generic pair of arms."))
     for label in ("a", "b"):

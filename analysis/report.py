@@ -8,106 +8,108 @@ import json
 from pathlib import Path
 
 from analysis import text
+from analysis.cells import ALL, GAINS, HEADLINE, fit_key, fit_key_parts
 from analysis.document import Bullets, Document, Figure, Heading, Paragraph, Table
-from analysis.results import ALL, HEADLINE, compute_results
+from analysis.figures import draw_all
+from analysis.results import compute_results
 from analysis.rundir import load_run
+from analysis.schema import Answer, Divergence, Results, Speedup
+from core.contracts import OK
 
 FIGURES = "figures"
 
 
-def _cells(results: dict, regime: str, arms: list[str] | None = None, strata: bool = True) -> list[dict]:
-    return [c for c in results["cells"] if c["regime"] == regime and (arms is None or c["arm"] in arms)
-            and (strata or c["stratum"] == ALL)]
+def _figure(figures: dict[str, str], name: str) -> list[Figure]:
+    """The figure as a block, or none where the run had no data for it."""
+    return [Figure(f"{FIGURES}/{name}", figures[name])] if name in figures else []
 
 
-def _spec_arms(results: dict) -> list[str]:
-    run = results["run"]
-    return [a["name"] for a in run["arms"] if a["method"] and a["name"] != run["baseline_arm"]]
+def _spec_names(results: Results) -> list[str]:
+    return [a.name for a in results.run.speculative_arms]
 
 
-def _run_section(results: dict) -> list:
-    run, inputs = results["run"], results["inputs"]
+def _run_section(results: Results) -> list:
+    run, inputs = results.run, results.inputs
     rows = []
-    for arm in run["arms"]:
+    for arm in run.arms:
         statuses = {}
-        for by_status in inputs["requests_by_status"].get(arm["name"], {}).values():
+        for by_status in inputs.requests_by_status.get(arm.name, {}).values():
             for status, n in by_status.items():
                 statuses[status] = statuses.get(status, 0) + n
-        failed = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()) if s != "ok") or "none"
-        role = " (baseline)" if arm["name"] == run["baseline_arm"] else ""
-        rows.append([arm["name"] + role, arm["method"] or "none", text.num(arm["num_speculative_tokens"]),
-                     arm["drafter"] or text.DASH, text.num(statuses.get("ok", 0)), failed])
+        failed = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()) if s != OK) or "none"
+        role = " (baseline)" if arm.name == run.baseline_arm else ""
+        rows.append([arm.name + role, arm.method or "none", text.num(arm.num_speculative_tokens),
+                     arm.drafter or text.DASH, text.num(statuses.get(OK, 0)), failed])
     blocks = [
         Heading(2, "The run"),
-        Paragraph(f"Run `{run['run_id']}` of experiment `{run['name']}`: {inputs['records']} requests over "
-                  f"{text.num(run['duration_s'], 3)} s; load regimes {', '.join(run['regimes']) or 'none'} "
-                  f"(primary: {run['primary_regime']}); target dtype {run['target_dtype'] or 'unknown'}, "
-                  f"temperature {text.num(run['temperature'])}. Speed-ups are against `{run['baseline_arm']}`."),
+        Paragraph(f"Run `{run.run_id}` of experiment `{run.name}`: {inputs.records} requests over "
+                  f"{text.num(run.duration_s, 3)} s; load regimes {', '.join(run.regimes) or 'none'} "
+                  f"(primary: {run.primary_regime}); target dtype {run.target_dtype or 'unknown'}, "
+                  f"temperature {text.num(run.temperature)}. Speed-ups are against `{run.baseline_arm}`."),
         Table(["arm", "speculation", "K", "drafter", "ok requests", "failed requests"], rows),
         Table(["regime", "how arms were scheduled (pairing in time)"],
-              [[regime, plan] for regime, plan in run["regime_plans"].items()]),
+              [[regime, plan] for regime, plan in run.regime_plans.items()]),
     ]
-    for arm, reason in sorted(inputs["dead_arms"].items()):
+    for arm, reason in sorted(inputs.dead_arms.items()):
         blocks.append(Paragraph(f"The runner gave up on arm {arm}: {reason}."))
-    if inputs["arms_without_records"]:
+    if inputs.arms_without_records:
         blocks.append(Paragraph("Configured arms without a single record (not started, or died before their "
-                                f"first request): {', '.join(inputs['arms_without_records'])}."))
-    gaps = [[arm, regime, text.num(c["prompts_sent"]), text.num(c["prompts_ok"]),
-             text.num(c["baseline_prompts_without_answer"])]
-            for arm, by_regime in inputs["coverage"].items() for regime, c in by_regime.items()
-            if c["baseline_prompts_without_answer"] or c["prompts_ok"] < c["prompts_sent"]]
+                                f"first request): {', '.join(inputs.arms_without_records)}."))
+    gaps = [[arm, regime, text.num(c.prompts_sent), text.num(c.prompts_ok),
+             text.num(c.baseline_prompts_without_answer)]
+            for arm, by_regime in inputs.coverage.items() for regime, c in by_regime.items()
+            if c.baseline_prompts_without_answer or c.prompts_ok < c.prompts_sent]
     if gaps:
         blocks.append(Table(["arm", "regime", "prompts sent", "prompts answered", "baseline prompts it did not answer"],
                             gaps, "Coverage gaps: prompts an arm did not answer are missing from its pairs."))
     return blocks
 
 
-def _pairing(speedup: dict) -> str:
-    tpot = speedup["tpot"]
-    if speedup["paired"]:
-        return f"{tpot['n']} paired"
-    return f"{tpot['n']} vs {tpot['n_reference']} unpaired"
+def _pairing(speedup: Speedup) -> str:
+    tpot = speedup.tpot
+    if speedup.paired:
+        return f"{tpot.n} paired"
+    return f"{tpot.n} vs {tpot.n_reference} unpaired"
 
 
-def _speedup_section(results: dict, figures: dict) -> list:
-    run = results["run"]
+def _speedup_section(results: Results, figures: dict) -> list:
+    run = results.run
     blocks = [Heading(2, "Speed-up against the baseline, paired by prompt"),
-              Paragraph(results["methods"]["pairing"].capitalize() + ". A speed-up is the geometric mean over "
+              Paragraph(results.methods.pairing.capitalize() + ". A speed-up is the geometric mean over "
                         "prompts of baseline/arm, for TPOT (time per output token after the first) and for "
                         "end-to-end time; > 1 means the arm is faster. Intervals: 95% bootstrap (expanded "
                         "percentile) over prompts. The baseline's own row is its second run over its first: "
                         "the noise floor. Where too few prompts were answered by both arms (under load, when a bound stops the "
                         "arms' blocks at different points of the prompt list), the row is 'unpaired': the ratio "
                         "of geometric means within each (task, stratum), weighted by the arm's prompts.")]
-    if "speedup.png" in figures:
-        blocks.append(Figure(f"{FIGURES}/speedup.png", figures["speedup.png"]))
-    medians = [[c["arm"], c["regime"], text.num(c["requests"]), text.num(c["latency"]["ttft_s"]),
-                text.num(c["latency"]["tpot_s"] and 1000 * c["latency"]["tpot_s"], 1),
-                text.num(c["latency"]["e2e_s"]), text.num(c["latency"]["completion_tokens"], 0)]
-               for regime in run["regimes"] for c in _cells(results, regime, strata=False) if c["group"] == ALL]
+    blocks += _figure(figures, "speedup.png")
+    medians = [[c.arm, c.regime, text.num(c.requests), text.num(c.latency.ttft_s),
+                text.num(c.latency.tpot_s and 1000 * c.latency.tpot_s, 1),
+                text.num(c.latency.e2e_s), text.num(c.latency.completion_tokens, 0)]
+               for regime in run.regimes for c in results.cells_in(regime, strata=False) if c.task == ALL]
     blocks.append(Table(["arm", "regime", "ok requests", "median TTFT (s)", "median TPOT (ms)", "median end-to-end (s)",
                          "median output tokens"], medians, "Raw medians, all tasks (not paired: for scale only)"))
-    for regime in run["regimes"]:
-        rows = [[c["group"], c["stratum"], c["arm"], _pairing(c["speedup"]), text.ratio(c["speedup"]["tpot"]),
-                 text.ratio(c["speedup"]["e2e"]), text.num(c["speedup"]["median_gap_s"], 2)]
-                for c in _cells(results, regime, strata=regime == run["primary_regime"])]
+    for regime in run.regimes:
+        rows = [[c.task, c.stratum, c.arm, _pairing(c.speedup), text.ratio(c.speedup.tpot),
+                 text.ratio(c.speedup.e2e), text.num(c.speedup.median_gap_s, 2)]
+                for c in results.cells_in(regime, strata=regime == run.primary_regime)]
         blocks.append(Table(["task", "stratum", "arm", "prompts (pairing)", "TPOT speed-up [95% CI]",
                              "end-to-end speed-up [95% CI]", "median pair gap (s)"], rows, f"Regime: {regime}"))
     return blocks
 
 
-def _acceptance_section(results: dict, figures: dict) -> list:
-    run = results["run"]
+def _acceptance_section(results: Results, figures: dict) -> list:
+    run = results.run
     rows = []
-    for c in _cells(results, run["primary_regime"], _spec_arms(results)):
-        a = c.get("acceptance")
+    for c in results.cells_in(run.primary_regime, _spec_names(results)):
+        a = c.acceptance
         if not a:
             continue
-        rows.append([c["group"], c["stratum"], c["arm"], text.num(a["drafts"]),
-                     text.with_ci(a["tau"], a["tau_ci"]), text.num(a["tokens_per_step"]),
-                     text.num(a["drafting_share"]), text.num(a["alpha"]), text.num(a["alpha_from_tau"]),
-                     text.num(a["vllm_rate"]), " / ".join(text.num(r) for r in a["position_rate"]) or text.DASH,
-                     " / ".join(text.num(r) for r in a["conditional"]) or text.DASH])
+        rows.append([c.task, c.stratum, c.arm, text.num(a.drafts),
+                     text.with_ci(a.tau, a.tau_ci), text.num(a.tokens_per_step),
+                     text.num(a.drafting_share), text.num(a.alpha), text.num(a.alpha_from_tau),
+                     text.num(a.vllm_rate), " / ".join(text.num(r) for r in a.position_rate) or text.DASH,
+                     " / ".join(text.num(r) for r in a.conditional) or text.DASH])
     blocks = [Heading(2, "Acceptance"),
               Paragraph("τ = 1 + accepted/drafts (vLLM's mean acceptance length: tokens per step that carried a "
                         "draft). Tokens per decode step counts every step, drafted or not (output tokens after the "
@@ -119,28 +121,27 @@ def _acceptance_section(results: dict, figures: dict) -> list:
                         "than α. Per-position rate i: share of drafts with position i accepted; conditional i: "
                         "given position i−1 accepted. Acceptance does not depend on timing: it is the robust part "
                         "of the answer.")]
-    if "acceptance_per_position.png" in figures:
-        blocks.append(Figure(f"{FIGURES}/acceptance_per_position.png", figures["acceptance_per_position.png"]))
+    blocks += _figure(figures, "acceptance_per_position.png")
     if rows:
         blocks.append(Table(["task", "stratum", "arm", "drafts", "τ [95% CI]", "tokens/decode step",
                              "drafting share", "α (per-position)", "α from τ",
                              "vLLM rate", "per-position rate", "conditional"], rows,
-                            f"Regime: {run['primary_regime']}"))
+                            f"Regime: {run.primary_regime}"))
     return blocks
 
 
-def _model_section(results: dict) -> list:
-    run = results["run"]
-    cost_rows = [[arm, text.num(c["c"]), c["source"], c["method"], text.num(c.get("draft_step_s"), 3),
-                  text.num(c.get("target_step_s"), 3)] for arm, c in sorted(results["cost"].items())]
+def _model_section(results: Results) -> list:
+    run = results.run
+    cost_rows = [[arm, text.num(c.c), c.source, c.method, text.num(c.draft_step_s, 3),
+                  text.num(c.target_step_s, 3)] for arm, c in sorted(results.cost.items())]
     rows = []
-    for c in _cells(results, run["primary_regime"], _spec_arms(results)):
-        m = c.get("model")
+    for c in results.cells_in(run.primary_regime, _spec_names(results)):
+        m = c.model
         if m:
-            rows.append([c["group"], c["stratum"], c["arm"], text.num(m["alpha"]), text.num(m["gamma"]),
-                         text.num(m["drafting_share"]), text.num(m["c"]), text.num(m["expected_tokens_per_step"]),
-                         text.num(m["cost_factor"]), text.num(m["predicted_speedup"], 2),
-                         text.num(m["predicted_speedup_from_measured_tokens"], 2), text.num(m["measured_speedup"], 2)])
+            rows.append([c.task, c.stratum, c.arm, text.num(m.alpha), text.num(m.gamma),
+                         text.num(m.drafting_share), text.num(m.c), text.num(m.expected_tokens_per_step),
+                         text.num(m.cost_factor), text.num(m.predicted_speedup, 2),
+                         text.num(m.predicted_speedup_from_measured_tokens, 2), text.num(m.measured_speedup, 2)])
     blocks = [Heading(2, "The analytic model (Leviathan et al. 2023)"),
               Paragraph("Expected tokens per drafting step E = (1−α^(γ+1))/(1−α) is the acceptance factor and "
                         "1/(γc+1) the cost factor, with c the draft/target cost ratio per drafted token: predicted "
@@ -155,18 +156,18 @@ def _model_section(results: dict) -> list:
     if rows:
         blocks.append(Table(["task", "stratum", "arm", "α", "γ", "f", "c", "tokens/step (model)", "cost factor",
                              "predicted ×", "predicted × (from measured tokens)", "measured ×"], rows,
-                            f"Predicted against measured TPOT speed-up, regime {run['primary_regime']}"))
+                            f"Predicted against measured TPOT speed-up, regime {run.primary_regime}"))
     return blocks
 
 
-def _lossless_section(results: dict) -> list:
-    run = results["run"]
+def _lossless_section(results: Results) -> list:
+    run = results.run
     rows = []
-    for c in _cells(results, run["primary_regime"], _spec_arms(results)):
-        own, floor = c["lossless"], c["lossless"].get("baseline_self")
-        rows.append([c["group"], c["stratum"], c["arm"], text.share(own), text.ci(own["ci"], 2),
-                     text.share(floor), text.ci((floor or {}).get("ci"), 2)])
-    exact = run["target_dtype"] == "float32"
+    for c in results.cells_in(run.primary_regime, _spec_names(results)):
+        own, floor = c.lossless, c.lossless.baseline_self
+        rows.append([c.task, c.stratum, c.arm, text.share(own), text.ci(own.ci, 2),
+                     text.share(floor), text.ci(floor.ci if floor else None, 2)])
+    exact = run.target_dtype == "float32"
     return [Heading(2, "Losslessness"),
             Paragraph("Share of prompts whose output hash equals the baseline's (paired request), beside the share "
                       "on which the baseline agreed with its own repeat (same dtype, same regime). Intervals: "
@@ -175,48 +176,47 @@ def _lossless_section(results: dict) -> list:
                                          "alone; compare an arm's share with the baseline's own, or rerun with "
                                          "`target.dtype: float32` for an exact check.")),
             Table(["task", "stratum", "arm", "identical to baseline", "95% CI", "baseline vs itself", "95% CI"], rows,
-                  f"Regime: {run['primary_regime']}")]
+                  f"Regime: {run.primary_regime}")]
 
 
-def _triple(entry: dict | None) -> str:
-    if not entry or entry.get("js") is None:
+def _triple(entry: Divergence | None) -> str:
+    if entry is None or entry.js is None:
         return text.DASH
-    return f"{text.num(entry['js'])} / {text.num(entry['w1'], 1)} / {text.num(entry['ks'])}"
+    return f"{text.num(entry.js)} / {text.num(entry.w1, 1)} / {text.num(entry.ks)}"
 
 
-def _divergence_section(results: dict, figures: dict) -> list:
-    div = results["divergence"]
-    tasks = div["tasks"]
-    method = div["method"]
+def _matrix_rows(matrices: dict[str, list[list]], names: list[str]) -> list[list[str]]:
+    """Rows of a name x name table of JS / W1 / KS, from {measure: matrix}."""
+    return [[a] + [_triple(Divergence(*(matrices[x][i][j] for x in ("js", "w1", "ks")))) for j in range(len(names))]
+            for i, a in enumerate(names)]
+
+
+def _divergence_section(results: Results, figures: dict) -> list:
+    div = results.divergence
+    tasks = div.tasks
+    method = div.method
     blocks = [Heading(2, "Length divergence"),
               Paragraph("Each cell gives JS / W1 / KS. JS: Jensen–Shannon divergence, log base "
-                        f"{method['js_log_base']} (0 = same, 1 = disjoint), on one set of log-spaced bins "
-                        f"({method['bins_per_doubling']} per doubling of length) shared by every comparison. "
+                        f"{method.js_log_base} (0 = same, 1 = disjoint), on one set of log-spaced bins "
+                        f"({method.bins_per_doubling} per doubling of length) shared by every comparison. "
                         "W1: Wasserstein-1 distance in tokens. KS: two-sample Kolmogorov–Smirnov statistic. "
-                        f"Task lengths: {method['task_lengths']}.")]
+                        f"Task lengths: {method.task_lengths}.")]
     blocks.append(Table(["task"] + [f"{k}: n / median" for k in ("prompt", "output", "total")],
-                        [[t] + [f"{div['task_lengths'][t][k]['n']} / {text.num(div['task_lengths'][t][k]['median'], 1)}"
+                        [[t] + [f"{div.task_lengths[t][k].n} / {text.num(div.task_lengths[t][k].median, 1)}"
                                 for k in ("prompt", "output", "total")] for t in tasks], "Task lengths (tokens)"))
-    if "divergence_tasks.png" in figures:
-        blocks.append(Figure(f"{FIGURES}/divergence_tasks.png", figures["divergence_tasks.png"]))
+    blocks += _figure(figures, "divergence_tasks.png")
     for kind in ("prompt", "output", "total"):
-        m = div["matrices"][kind]
-        rows = [[a] + [_triple({x: m[x][i][j] for x in ("js", "w1", "ks")}) for j in range(len(tasks))]
-                for i, a in enumerate(tasks)]
-        blocks.append(Table(["task"] + tasks, rows, f"Task × task, {kind} length: JS / W1 / KS"))
-    datasets = div.get("datasets")
+        blocks.append(Table(["task"] + tasks, _matrix_rows(div.matrices[kind], tasks),
+                            f"Task × task, {kind} length: JS / W1 / KS"))
+    datasets = div.datasets
     if datasets:
-        names = datasets["tasks"]
-        for kind, m in datasets["matrices"].items():
-            rows = [[a] + [_triple({x: m[x][i][j] for x in ("js", "w1", "ks")}) for j in range(len(names))]
-                    for i, a in enumerate(names)]
-            blocks.append(Table(["dataset"] + names, rows,
-                                f"Datasets' own lengths ({datasets['source']}), {kind} length: JS / W1 / KS"))
-    if div["drafters"]:
-        if "divergence_drafters.png" in figures:
-            blocks.append(Figure(f"{FIGURES}/divergence_drafters.png", figures["divergence_drafters.png"]))
-        rows = [[d, t] + [_triple(div["drafters"][d][t].get(k)) for k in ("prompt", "output", "total")]
-                for d in sorted(div["drafters"]) for t in tasks]
+        for kind, m in datasets.matrices.items():
+            blocks.append(Table(["dataset"] + datasets.tasks, _matrix_rows(m, datasets.tasks),
+                                f"Datasets' own lengths ({datasets.source}), {kind} length: JS / W1 / KS"))
+    if div.drafters:
+        blocks += _figure(figures, "divergence_drafters.png")
+        rows = [[d, t] + [_triple(div.drafters[d][t].get(k)) for k in ("prompt", "output", "total")]
+                for d in sorted(div.drafters) for t in tasks]
         blocks.append(Table(["drafter training split", "task", "prompt", "output", "total"], rows,
                             "Drafter training split × task: JS / W1 / KS"))
     else:
@@ -225,18 +225,18 @@ def _divergence_section(results: dict, figures: dict) -> list:
     return blocks
 
 
-def _fit_rows(entry: dict) -> list[list[str]]:
+def _fit_rows(entry: Answer) -> list[list[str]]:
     rows = []
-    for key, fit in entry["fits"].items():
-        y_name, measure, kind = key.split("|")
+    for key, fit in entry.fits.items():
+        gain, measure, kind = fit_key_parts(key)
         headline = " (headline)" if (measure, kind) == HEADLINE else ""
-        rows.append(["log speed-up gain" if y_name == "log_speed_ratio" else "τ gain", f"{measure.upper()}{headline}",
-                     kind, text.num(fit["spearman"]["n"]), text.num(fit["spearman"]["rho"], 2),
-                     text.num(fit["spearman"]["p"], 2), text.with_ci(fit["slope"]["value"], fit["slope"]["ci"])])
+        rows.append([GAINS[gain], f"{measure.upper()}{headline}",
+                     kind, text.num(fit.spearman.n), text.num(fit.spearman.rho, 2),
+                     text.num(fit.spearman.p, 2), text.with_ci(fit.slope.value, fit.slope.ci)])
     return rows
 
 
-def _answer_section(results: dict, figures: dict) -> list:
+def _answer_section(results: Results, figures: dict) -> list:
     measure, kind = HEADLINE
     blocks = [Heading(2, "The answer: does the fine-tuned drafter's advantage follow length divergence?"),
               Paragraph("Per (task, stratum) cell: the fine-tuned arm's TPOT speed-up over the generic arm (paired by "
@@ -244,37 +244,37 @@ def _answer_section(results: dict, figures: dict) -> list:
                         f"the divergence of the cell's lengths from the fine-tuning split. The headline uses "
                         f"{measure.upper()} on {kind} length, fixed before the data; the rest are shown as a "
                         "sensitivity check, not as extra chances to find an effect. Slope intervals resample cells.")]
-    if not results["answer"]:
+    if not results.answer:
         blocks.append(Paragraph("This run has no pair of arms with a fine-tuned drafter and the generic drafter it "
                                 "was fine-tuned from, so the question is not answered here."))
     for name in ("answer.png", "within_task.png"):
-        if name in figures:
-            blocks.append(Figure(f"{FIGURES}/{name}", figures[name]))
-    for entry in results["answer"]:
-        tasks = entry["finetune_tasks"]
+        blocks += _figure(figures, name)
+    for entry in results.answer:
+        tasks = entry.finetune_tasks
         tasks = tasks if isinstance(tasks, str) else ", ".join(tasks)
-        blocks.append(Heading(3, f"{entry['finetuned_arm']} (fine-tuned on {tasks}) against "
-                                 f"{entry['generic_arm']}, {entry['regime']} regime"))
-        if entry.get("missing"):
-            blocks.append(Paragraph(f"Not available: {entry['missing']}."))
+        blocks.append(Heading(3, f"{entry.finetuned_arm} (fine-tuned on {tasks}) against "
+                                 f"{entry.generic_arm}, {entry.regime} regime"))
+        if entry.missing:
+            blocks.append(Paragraph(f"Not available: {entry.missing}."))
             continue
-        rows = [[r["group"], r["stratum"], text.num(r["speed_ratio"]["n"]), text.ratio(r["speed_ratio"]),
-                 text.with_ci(r["tau_gain"]["value"], r["tau_gain"]["ci"]),
-                 _triple(r["divergence_finetune"].get(kind)), _triple(r["divergence_generic"].get(kind))]
-                for r in entry["rows"]]
+        rows = [[r.task, r.stratum, text.num(r.speed_ratio.n), text.ratio(r.speed_ratio),
+                 text.with_ci(r.tau_gain.value, r.tau_gain.ci),
+                 _triple(r.divergence_finetune.get(kind)), _triple(r.divergence_generic.get(kind))]
+                for r in entry.rows]
         blocks.append(Table(["task", "stratum", "prompts", "fine-tuned/generic speed [95% CI]", "τ gain [95% CI]",
                              f"{kind}: from fine-tuning split (JS / W1 / KS)", f"{kind}: from generic split"],
                             rows, "Per cell ('all' rows and controls are not in the fit)"))
         blocks.append(Table(["gain", "measure", "length", "cells", "Spearman ρ", "p", "slope [95% CI]"],
                             _fit_rows(entry), "Fits over (task, stratum) cells"))
         within = []
-        for y_name, label in (("log_speed_ratio", "log speed-up gain"), ("tau_gain", "τ gain")):
-            fit = entry["fits"].get(f"{y_name}|{measure}|{kind}", {})
-            for key, what in (("slope_within_task", "within tasks (length effect)"),
-                              ("slope_within_stratum", "within strata (domain effect)")):
-                if key in fit:
-                    within.append([label, what, text.num(fit[key]["n"]),
-                                   text.with_ci(fit[key]["value"], fit[key]["ci"])])
+        for gain, label in GAINS.items():
+            fit = entry.fits.get(fit_key(gain, measure, kind))
+            if fit is None:
+                continue
+            for slope, what in ((fit.slope_within_task, "within tasks (length effect)"),
+                                (fit.slope_within_stratum, "within strata (domain effect)")):
+                if slope is not None:
+                    within.append([label, what, text.num(slope.n), text.with_ci(slope.value, slope.ci)])
         blocks.append(Paragraph("Within-task slopes centre x and y on each task's mean, so only the variation "
                                 "across strata of one task (length, same domain) is used; within-stratum slopes "
                                 "centre on each stratum, leaving variation across tasks at similar length (domain)."))
@@ -282,69 +282,68 @@ def _answer_section(results: dict, figures: dict) -> list:
     return blocks
 
 
-def _control_section(results: dict) -> list:
+def _control_section(results: Results) -> list:
     blocks = [Heading(2, "Length-matched control")]
-    if not results["controls"]:
+    if not results.controls:
         return blocks + [Paragraph("The workload had no length-matched control rows (workload.controls), so "
                                    "length and domain are separated only by the within-task view.")]
-    for control in results["controls"]:
-        task, like, label = control["task"], control["like"], control["label"]
-        match = control["prompt_divergence"]
+    for control in results.controls:
+        task, like, label = control.task, control.like, control.label
+        match = control.prompt_divergence
         blocks.append(Paragraph(
-            f"{label}: {task} prompts resampled to follow {like}'s prompt lengths ({match['reference']}). "
-            f"Prompt-length JS / W1 / KS to them: {_triple(match['control_vs_like'])} for the control, "
-            f"{_triple(match['task_vs_like'])} for {task}'s eval prompts (lower = better matched; with a handful "
+            f"{label}: {task} prompts resampled to follow {like}'s prompt lengths ({match.reference}). "
+            f"Prompt-length JS / W1 / KS to them: {_triple(match.control_vs_like)} for the control, "
+            f"{_triple(match.task_vs_like)} for {task}'s eval prompts (lower = better matched; with a handful "
             f"of prompts JS is coarse). If a gain follows length, the control's value sits near {like}'s; if it "
             f"follows domain, near {task}'s."))
         rows = []
-        for arm, by_group in control["arms"].items():
-            for group in (task, label, like):
-                entry = by_group.get(group)
+        for arm, by_scope in control.arms.items():
+            for scope in (task, label, like):
+                entry = by_scope.get(scope)
                 if entry:
-                    rows.append([arm, group, text.ratio(entry["speedup_tpot"]),
-                                 text.with_ci(entry["tau"], entry["tau_ci"])])
-        blocks.append(Table(["arm", "group", "TPOT speed-up [95% CI]", "τ [95% CI]"], rows))
+                    rows.append([arm, scope, text.ratio(entry.speedup_tpot), text.with_ci(entry.tau, entry.tau_ci)])
+        blocks.append(Table(["arm", "task", "TPOT speed-up [95% CI]", "τ [95% CI]"], rows))
         gains = []
-        for arm, by_group in control["gains"].items():
-            for group, gain in by_group.items():
-                tau_gain = (gain or {}).get("tau_gain") or {}
-                gains.append([arm, group, text.ratio((gain or {}).get("speed_ratio")),
-                              text.with_ci(tau_gain.get("value"), tau_gain.get("ci"))])
+        for arm, by_scope in control.gains.items():
+            for scope, gain in by_scope.items():
+                if gain is None:
+                    gains.append([arm, scope, text.DASH, text.DASH])
+                else:
+                    gains.append([arm, scope, text.ratio(gain.speed_ratio),
+                                  text.with_ci(gain.tau_gain.value, gain.tau_gain.ci)])
         if gains:
-            blocks.append(Table(["fine-tuned arm", "group", "fine-tuned/generic speed", "τ gain"], gains))
+            blocks.append(Table(["fine-tuned arm", "task", "fine-tuned/generic speed", "τ gain"], gains))
     return blocks
 
 
-def _load_section(results: dict, figures: dict) -> list:
+def _regimes_section(results: Results, figures: dict) -> list:
     blocks = [Heading(2, "Load regimes")]
-    if "load_curve.png" in figures:
-        blocks.append(Figure(f"{FIGURES}/load_curve.png", figures["load_curve.png"]))
+    blocks += _figure(figures, "load_curve.png")
     rows = []
-    for arm, curve in sorted(results["load"].items()):
-        where = {"crosses": "crosses 1× between " + " and ".join(curve["crosses_between"] or []),
+    for arm, curve in sorted(results.regimes.items()):
+        where = {"crosses": "crosses 1× between " + " and ".join(curve.crosses_between or []),
                  "above": "above 1× throughout", "below": "below 1× throughout", "at": "at 1×",
-                 "no data": "no data"}[curve["status"]]
-        for p in curve["points"]:
-            rows.append([arm, p["regime"], text.ratio(p["tpot"]) + ("" if p["paired"] else " (unpaired)"),
-                         text.ratio(p["e2e"]), where])
-    if len(results["run"]["regimes"]) < 2:
+                 "no data": "no data"}[curve.status]
+        for p in curve.points:
+            rows.append([arm, p.regime, text.ratio(p.tpot) + ("" if p.paired else " (unpaired)"),
+                         text.ratio(p.e2e), where])
+    if len(results.run.regimes) < 2:
         blocks.append(Paragraph("Only one load regime was measured; add concurrency or Poisson regimes to see "
                                 "where speculation stops paying off."))
     blocks.append(Table(["arm", "regime", "TPOT speed-up", "end-to-end speed-up", "crossing"], rows))
     return blocks
 
 
-def _drift_section(results: dict, figures: dict) -> list:
+def _drift_section(results: Results, figures: dict) -> list:
     blocks = [Heading(2, "Drift over time"),
               Paragraph("These machines drift; each arm's TPOT trend is a Theil–Sen slope of log TPOT on time, "
                         "written as the % change it implies over the regime's span, with its 95% interval. TPOT "
                         "also depends on the prompt, so a trend is only evidence of drift when prompts are spread "
                         "evenly over time.")]
-    if "drift.png" in figures:
-        blocks.append(Figure(f"{FIGURES}/drift.png", figures["drift.png"]))
-    rows = [[arm, regime, text.num(d["n"]), text.num(d["span_min"], 3), text.percent(d["percent_over_span"]),
-             f"[{text.percent(d['ci'][0])}, {text.percent(d['ci'][1])}]", text.num(d["spearman"]["rho"], 2)]
-            for arm, by_regime in results["drift"].items() for regime, d in by_regime.items()]
+    blocks += _figure(figures, "drift.png")
+    rows = [[arm, regime, text.num(d.n), text.num(d.span_min, 3), text.percent(d.percent_over_span),
+             f"[{text.percent(d.ci[0])}, {text.percent(d.ci[1])}]", text.num(d.spearman.rho, 2)]
+            for arm, by_regime in results.drift.items() for regime, d in by_regime.items()]
     blocks.append(Table(["arm", "regime", "requests", "span (min)", "TPOT trend over the span", "95% CI",
                          "Spearman ρ (time, TPOT)"], rows))
     return blocks
@@ -358,32 +357,33 @@ def _flatten(value, prefix="", depth=0):
         yield prefix.rstrip("."), value
 
 
-def _environment_section(results: dict) -> list:
-    rows = [[k, str(v)] for k, v in _flatten(results["environment"])]
+def _environment_section(results: Results) -> list:
+    rows = [[k, str(v)] for k, v in _flatten(results.environment)]
     return [Heading(2, "Environment"), Table(["key", "value"], rows)] if rows else []
 
 
-def _methods_section(results: dict) -> list:
-    boot = results["methods"]["bootstrap"]
+def _methods_section(results: Results) -> list:
+    methods = results.methods
+    boot = methods.bootstrap
     return [Heading(2, "Methods"), Bullets([
-        f"Bootstrap: {boot['kind']}, {boot['resamples']} resamples, {int(boot['level'] * 100)}% level, seeded "
-        f"(base seed {boot['base_seed']}); unit: {boot['unit']}. No interval below {boot['min_units_for_ci']} units; "
-        f"fewer than {boot['small_sample']} prompts is called a small sample.",
-        f"Pairing: {results['methods']['pairing']}.",
-        f"Speed-up: {results['methods']['speedup']}.",
-        f"α: {results['methods']['alpha']}.",
-        "Only requests with status 'ok' enter the statistics; the others are counted in 'The run'.",
-        f"Numbers are rounded to {results['methods']['significant_digits']} significant digits in results.json.",
+        f"Bootstrap: {boot.kind}, {boot.resamples} resamples, {int(boot.level * 100)}% level, seeded "
+        f"(base seed {boot.base_seed}); unit: {boot.unit}. No interval below {boot.min_units_for_ci} units; "
+        f"fewer than {boot.small_sample} prompts is called a small sample.",
+        f"Pairing: {methods.pairing}.",
+        f"Speed-up: {methods.speedup}.",
+        f"α: {methods.alpha}.",
+        f"Only requests with status '{OK}' enter the statistics; the others are counted in 'The run'.",
+        f"Numbers are rounded to {methods.significant_digits} significant digits in results.json.",
         "Definitions and how to read each section: docs/report.md in the specdrift repository.",
     ])]
 
 
-def build_document(results: dict, figures: dict[str, str]) -> Document:
-    doc = Document(f"specdrift report: {results['run']['name']}")
-    doc.add(Heading(2, "Summary"), Bullets(results["summary"]))
+def build_document(results: Results, figures: dict[str, str]) -> Document:
+    doc = Document(f"specdrift report: {results.run.name}")
+    doc.add(Heading(2, "Summary"), Bullets(results.summary))
     for section in (_run_section(results), _speedup_section(results, figures), _acceptance_section(results, figures),
                     _model_section(results), _lossless_section(results), _divergence_section(results, figures),
-                    _answer_section(results, figures), _control_section(results), _load_section(results, figures),
+                    _answer_section(results, figures), _control_section(results), _regimes_section(results, figures),
                     _drift_section(results, figures), _environment_section(results), _methods_section(results)):
         doc.add(*section)
     return doc
@@ -401,10 +401,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     out = Path(out_dir) if out_dir else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(results_json(results))
-    from analysis.figures import draw_all
-
-    figures = draw_all(run, results, out / FIGURES)
-    document = build_document(results, figures)
+    typed = Results.from_dict(results)
+    figures = draw_all(run, typed, out / FIGURES)
+    document = build_document(typed, figures)
     (out / "report.md").write_text(document.to_markdown())
     (out / "report.html").write_text(document.to_html(out))
     return results

@@ -8,26 +8,21 @@ which plots the raw request times.
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
 from analysis import acceptance, divergence, stats
+from analysis.cells import ALL, GAINS, HEADLINE, find_cell, fit_key
 from analysis.pairing import acceptance_units, paired_requests, position_counts, prompt_logs, speed_units
 from analysis.rundir import RunData
+from analysis.schema import Results
+from analysis.summary import summarize
+from core.contracts import OK, TAG_MISSING, stratum_key
 
-SCHEMA_VERSION = 1
-ALL = "all"
-HEADLINE = ("js", "total")  # the divergence the answer is stated in, chosen before looking at data
+SCHEMA_VERSION = 2
 SIGNIFICANT_DIGITS = 6
-
-
-def stratum_key(label: str):
-    """Strata sort by their lower prompt bound (`p64-256` after `p0-64`)."""
-    numbers = [int(n) for n in re.findall(r"\d+", str(label))]
-    return (0, numbers, str(label)) if numbers else (1, [], str(label))
 
 
 # --- scopes: which prompts a cell covers ------------------------------------
@@ -35,28 +30,28 @@ def stratum_key(label: str):
 def _label(frame: pd.DataFrame, run: RunData) -> pd.DataFrame:
     labels = run.prompts.set_index("prompt_id")
     return frame.assign(
-        group=frame["prompt_id"].map(labels["group"]),
-        stratum=frame["prompt_id"].map(labels["stratum"]).fillna("none").astype(str),
+        task=frame["prompt_id"].map(labels["task"]),
+        stratum=frame["prompt_id"].map(labels["stratum"]).fillna(TAG_MISSING).astype(str),
         is_control=frame["prompt_id"].map(labels["is_control"]).fillna(False).astype(bool),
     )
 
 
-def _select(frame: pd.DataFrame, regime: str | None, group: str, stratum: str) -> pd.DataFrame:
+def _select(frame: pd.DataFrame, regime: str | None, task: str, stratum: str) -> pd.DataFrame:
     mask = pd.Series(True, index=frame.index) if regime is None else frame["regime"] == regime
-    mask &= ~frame["is_control"] if group == ALL else frame["group"] == group
+    mask &= ~frame["is_control"] if task == ALL else frame["task"] == task
     if stratum != ALL:
         mask &= frame["stratum"] == stratum
     return frame[mask]
 
 
 def _scopes(frame: pd.DataFrame) -> list[tuple[str, str]]:
-    """(all, all), then per group (tasks, then controls): (group, all) and each stratum."""
+    """(all, all), then per task (tasks, then controls): (task, all) and each stratum."""
     scopes = [(ALL, ALL)]
-    groups = frame.drop_duplicates("group").sort_values(["is_control", "group"])
-    for group in groups["group"]:
-        scopes.append((group, ALL))
-        strata = frame.loc[frame["group"] == group, "stratum"].unique()
-        scopes += [(group, s) for s in sorted(strata, key=stratum_key)]
+    tasks = frame.drop_duplicates("task").sort_values(["is_control", "task"])
+    for task in tasks["task"]:
+        scopes.append((task, ALL))
+        strata = frame.loc[frame["task"] == task, "stratum"].unique()
+        scopes += [(task, s) for s in sorted(strata, key=stratum_key)]
     return scopes
 
 
@@ -97,11 +92,11 @@ def _speedup(units: pd.DataFrame, arm_logs: pd.DataFrame, base_logs: pd.DataFram
         return {"paired": True, **{
             metric: stats.geometric_mean(units[f"log_{metric}"].dropna(), stats.seed_for(metric, *key))
             for metric in ("tpot", "e2e")}}
-    cells = sorted(set(zip(arm_logs["group"], arm_logs["stratum"])))
+    cells = sorted(set(zip(arm_logs["task"], arm_logs["stratum"])))
 
     def strata(metric):
-        return [(_select(base_logs, None, g, s)[f"log_{metric}"].dropna().to_numpy(),
-                 _select(arm_logs, None, g, s)[f"log_{metric}"].dropna().to_numpy()) for g, s in cells]
+        return [(_select(base_logs, None, t, s)[f"log_{metric}"].dropna().to_numpy(),
+                 _select(arm_logs, None, t, s)[f"log_{metric}"].dropna().to_numpy()) for t, s in cells]
 
     return {"paired": False, **{metric: stats.unpaired_ratio(strata(metric), stats.seed_for(metric, "unpaired", *key))
                                 for metric in ("tpot", "e2e")}}
@@ -122,38 +117,33 @@ def _cells(run: RunData, regimes: list[str], speed: dict, logs: dict, accept: di
     cells = []
     for regime in regimes:
         in_regime = records[records["regime"] == regime]
-        for group, stratum in _scopes(in_regime):
+        for task, stratum in _scopes(in_regime):
             for arm in run.arms:
-                mine = _select(in_regime[in_regime["arm"] == arm.name], None, group, stratum)
+                mine = _select(in_regime[in_regime["arm"] == arm.name], None, task, stratum)
                 if mine.empty:
                     continue
-                key = (arm.name, regime, group, stratum)
-                units = _select(speed[arm.name], regime, group, stratum)
+                key = (arm.name, regime, task, stratum)
+                units = _select(speed[arm.name], regime, task, stratum)
                 base_logs = None if arm.name == run.baseline or run.baseline not in logs else \
-                    _select(logs[run.baseline], regime, group, stratum)
+                    _select(logs[run.baseline], regime, task, stratum)
                 cell = {
-                    "arm": arm.name, "regime": regime, "group": group, "stratum": stratum,
+                    "arm": arm.name, "regime": regime, "task": task, "stratum": stratum,
                     "prompts": int(mine["prompt_id"].nunique()), "requests": len(mine),
                     "latency": _latency(mine),
                     "speedup": {
                         "reference": "baseline, repeat vs first" if arm.name == run.baseline else run.baseline,
-                        **_speedup(units, _select(logs[arm.name], regime, group, stratum), base_logs, key),
+                        **_speedup(units, _select(logs[arm.name], regime, task, stratum), base_logs, key),
                         "median_gap_s": float(units["gap_s"].median()) if len(units) else None,
                     },
                     "lossless": _share(units),
                 }
                 if baseline_units is not None and arm.name != run.baseline:
-                    cell["lossless"]["baseline_self"] = _share(_select(baseline_units, regime, group, stratum))
+                    cell["lossless"]["baseline_self"] = _share(_select(baseline_units, regime, task, stratum))
                 if arm.name in accept:
-                    cell["acceptance"] = _acceptance(_select(accept[arm.name], regime, group, stratum),
+                    cell["acceptance"] = _acceptance(_select(accept[arm.name], regime, task, stratum),
                                                      arm.num_speculative_tokens, stats.seed_for("tau", *key))
                 cells.append(cell)
     return cells
-
-
-def find_cell(cells: list[dict], arm: str, regime: str | None, group: str = ALL, stratum: str = ALL) -> dict | None:
-    key = (arm, regime, group, stratum)
-    return next((c for c in cells if (c["arm"], c["regime"], c["group"], c["stratum"]) == key), None)
 
 
 # --- the analytic model ------------------------------------------------------
@@ -230,7 +220,7 @@ def prompt_lengths(run: RunData) -> pd.DataFrame:
     """Per prompt sent: prompt tokens (workload), output tokens (the baseline's
     first answer, as measured) and their sum."""
     first_answer = run.ok[run.ok["arm"] == run.baseline].drop_duplicates("prompt_id").set_index("prompt_id")
-    frame = run.prompts[["prompt_id", "group", "stratum", "is_control", "prompt_tokens"]].rename(
+    frame = run.prompts[["prompt_id", "task", "stratum", "is_control", "prompt_tokens"]].rename(
         columns={"prompt_tokens": "prompt"})
     frame["output"] = frame["prompt_id"].map(first_answer["completion_tokens"])
     frame["total"] = frame["prompt"] + frame["output"]
@@ -242,8 +232,8 @@ def _sample(frame: pd.DataFrame, kind: str) -> list[float]:
 
 
 def _divergence(run: RunData, lengths: pd.DataFrame, edges: np.ndarray) -> dict:
-    tasks = sorted(lengths.loc[~lengths["is_control"], "group"].unique())
-    by_task = {t: lengths[lengths["group"] == t] for t in tasks}
+    tasks = sorted(lengths.loc[~lengths["is_control"], "task"].unique())
+    by_task = {t: lengths[lengths["task"] == t] for t in tasks}
     matrices = {}
     for kind in divergence.LENGTH_KINDS:
         pairs = {(a, b): divergence.compare(_sample(by_task[a], kind), _sample(by_task[b], kind), edges)
@@ -299,10 +289,10 @@ def finetune_pairs(run: RunData) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def _gain_row(group, stratum, speed_units_, acc_ft, acc_gen, lengths, split_ft, split_gen, edges, key) -> dict:
-    units = _select(speed_units_, None, group, stratum)
+def _gain_row(task, stratum, speed_units_, acc_ft, acc_gen, lengths, split_ft, split_gen, edges, key) -> dict:
+    units = _select(speed_units_, None, task, stratum)
     speed = stats.geometric_mean(units["log_tpot"].dropna(), stats.seed_for("gain-tpot", *key))
-    ft, gen = _select(acc_ft, None, group, stratum), _select(acc_gen, None, group, stratum)
+    ft, gen = _select(acc_ft, None, task, stratum), _select(acc_gen, None, task, stratum)
     both = ft.merge(gen, on="prompt_id", suffixes=("_ft", "_gen"))
     tau_gain = {"n": len(both), "value": None, "ci": None}
     d_ft, a_ft = both["drafts_ft"].to_numpy(float), both["accepted_ft"].to_numpy(float)
@@ -314,9 +304,9 @@ def _gain_row(group, stratum, speed_units_, acc_ft, acc_gen, lengths, split_ft, 
                 lambda idx: a_ft[idx].sum(1) / d_ft[idx].sum(1) - a_gen[idx].sum(1) / d_gen[idx].sum(1),
                 len(both), stats.seed_for("gain-tau", *key))
         tau_gain["ci"] = list(ci) if ci else None
-    cell_lengths = _select(lengths, None, group, stratum)
+    cell_lengths = _select(lengths, None, task, stratum)
     return {
-        "group": group, "stratum": stratum, "is_control": bool(cell_lengths["is_control"].any()),
+        "task": task, "stratum": stratum, "is_control": bool(cell_lengths["is_control"].any()),
         "speed_ratio": speed,
         "log_speed_ratio": math.log(speed["value"]) if speed["value"] else None,
         "tau_gain": tau_gain,
@@ -330,11 +320,11 @@ def _gain_row(group, stratum, speed_units_, acc_ft, acc_gen, lengths, split_ft, 
 def _fits(rows: list[dict], key) -> dict:
     """Spearman rho and the slope of each gain on each divergence measure, over (task, stratum) cells."""
     fits = {}
-    for y_name in ("log_speed_ratio", "tau_gain"):
+    for y_name in GAINS:
         for kind in divergence.LENGTH_KINDS:
             for measure in divergence.MEASURES:
                 points = [(r["divergence_finetune"].get(kind, {}).get(measure),
-                           r[y_name] if y_name == "log_speed_ratio" else r[y_name]["value"], r["group"], r["stratum"])
+                           r[y_name] if y_name == "log_speed_ratio" else r[y_name]["value"], r["task"], r["stratum"])
                           for r in rows]
                 points = [p for p in points if p[0] is not None and p[1] is not None]
                 x, y = [p[0] for p in points], [p[1] for p in points]
@@ -345,7 +335,7 @@ def _fits(rows: list[dict], key) -> dict:
                         x, y, stats.seed_for("slope-task", *key, y_name), within=[p[2] for p in points])
                     fit["slope_within_stratum"] = stats.slope(
                         x, y, stats.seed_for("slope-stratum", *key, y_name), within=[p[3] for p in points])
-                fits[f"{y_name}|{measure}|{kind}"] = fit
+                fits[fit_key(y_name, measure, kind)] = fit
     return fits
 
 
@@ -367,8 +357,8 @@ def _answer(run: RunData, ok: pd.DataFrame, accept: dict, lengths: pd.DataFrame,
         acc_ft = accept[ft][accept[ft]["regime"] == primary]
         acc_gen = accept[gen][accept[gen]["regime"] == primary]
         scopes = [s for s in _scopes(acc_ft) if s[0] != ALL]
-        entry["rows"] = [_gain_row(g, s, speed, acc_ft, acc_gen, lengths, split_ft, split_gen, edges, (*key, g, s))
-                         for g, s in scopes]
+        entry["rows"] = [_gain_row(t, s, speed, acc_ft, acc_gen, lengths, split_ft, split_gen, edges, (*key, t, s))
+                         for t, s in scopes]
         cells = [r for r in entry["rows"] if r["stratum"] != ALL and not r["is_control"]]
         entry["fits"] = _fits(cells, key)
         entry["cells_in_fit"] = len(cells)
@@ -378,29 +368,29 @@ def _answer(run: RunData, ok: pd.DataFrame, accept: dict, lengths: pd.DataFrame,
 
 def _controls(run: RunData, cells: list[dict], answers: list[dict], lengths: pd.DataFrame, edges,
               primary) -> list[dict]:
-    labels = run.prompts[run.prompts["is_control"]].drop_duplicates("group")
+    labels = run.prompts[run.prompts["is_control"]].drop_duplicates("task")
     controls = []
-    for _, row in labels.sort_values("group").iterrows():
-        task, like, label = row["control_task"], row["control_like"], row["group"]
-        sample = {g: _sample(lengths[lengths["group"] == g], "prompt") for g in (task, label)}
+    for _, row in labels.sort_values("task").iterrows():
+        task, like, label = row["control_task"], row["control_like"], row["task"]
+        sample = {t: _sample(lengths[lengths["task"] == t], "prompt") for t in (task, label)}
         # The control was drawn to follow B's own lengths, not B's stratified eval sample.
         natural = (run.dataset_lengths.get(like) or {}).get("prompt_tokens")
-        reference = natural or _sample(lengths[lengths["group"] == like], "prompt")
+        reference = natural or _sample(lengths[lengths["task"] == like], "prompt")
         arms = {}
         for arm in run.speculative_arms:
             arms[arm.name] = {}
-            for group in (task, label, like):
-                cell = find_cell(cells, arm.name, primary, group)
-                arms[arm.name][group] = None if cell is None else {
+            for scope in (task, label, like):
+                cell = find_cell(cells, arm.name, primary, scope)
+                arms[arm.name][scope] = None if cell is None else {
                     "speedup_tpot": cell["speedup"]["tpot"], "tau": cell.get("acceptance", {}).get("tau"),
                     "tau_ci": cell.get("acceptance", {}).get("tau_ci")}
         gains = {}
         for answer in answers:
-            by_group = {r["group"]: r for r in answer["rows"] if r["stratum"] == ALL}
+            by_task = {r["task"]: r for r in answer["rows"] if r["stratum"] == ALL}
             gains[answer["finetuned_arm"]] = {
-                g: None if g not in by_group else {"speed_ratio": by_group[g]["speed_ratio"],
-                                                   "tau_gain": by_group[g]["tau_gain"]}
-                for g in (task, label, like)}
+                t: None if t not in by_task else {"speed_ratio": by_task[t]["speed_ratio"],
+                                                  "tau_gain": by_task[t]["tau_gain"]}
+                for t in (task, label, like)}
         controls.append({
             "label": label, "task": task, "like": like, "regime": primary,
             "prompt_divergence": {"control_vs_like": divergence.compare(sample[label], reference, edges),
@@ -414,7 +404,7 @@ def _controls(run: RunData, cells: list[dict], answers: list[dict], lengths: pd.
 
 # --- load regimes and drift ----------------------------------------------------
 
-def _load_curve(run: RunData, cells: list[dict], regimes: list[str]) -> dict:
+def _regime_curves(run: RunData, cells: list[dict], regimes: list[str]) -> dict:
     curves = {}
     for arm in run.speculative_arms:
         points = []
@@ -512,13 +502,11 @@ def _rounded(value):
 
 
 def compute_results(run: RunData) -> dict:
-    from analysis.summary import summarize
-
     ok = run.ok
     regimes = [r for r in run.regimes if r in set(ok["regime"])]
     primary = "sequential" if "sequential" in regimes else (regimes[0] if regimes else None)
     records = _label(run.records[["arm", "regime", "prompt_id", "status", "ttft_s", "tpot_s", "e2e_s",
-                                  "completion_tokens"]][run.records["status"] == "ok"], run)
+                                  "completion_tokens"]][run.records["status"] == OK], run)
     answered = set(ok["arm"])
     speed = {a.name: _label(speed_units(paired_requests(ok, a.name, run.baseline)), run)
              for a in run.arms if a.name in answered}
@@ -569,10 +557,10 @@ def compute_results(run: RunData) -> dict:
         "divergence": _divergence(run, lengths, edges),
         "answer": answers,
         "controls": _controls(run, cells, answers, lengths, edges, primary),
-        "load": _load_curve(run, cells, regimes),
+        "regimes": _regime_curves(run, cells, regimes),
         "drift": _drift(run, regimes, t0),
         "environment": run.environment,
     }
     results = _rounded(results)
-    results["summary"] = summarize(results)
+    results["summary"] = summarize(Results.from_dict(results))
     return results

@@ -24,18 +24,19 @@ def with_ci(value, interval, digits: int = 3) -> str:
     return f"{num(value, digits)} {ci(interval, digits)}" if interval else num(value, digits)
 
 
-def ratio(estimate: dict | None, digits: int = 2) -> str:
-    """A geometric mean with its interval: '1.12× [0.98, 1.25]'."""
-    if not estimate or estimate.get("value") is None:
+def ratio(estimate, digits: int = 2) -> str:
+    """A geometric mean with its interval, '1.12× [0.98, 1.25]', from an
+    analysis.schema.Estimate (or None)."""
+    if estimate is None or estimate.value is None:
         return DASH
-    interval = estimate.get("ci")
-    return f"{estimate['value']:.{digits}f}×" + (f" {ci(interval, digits)}" if interval else "")
+    return f"{estimate.value:.{digits}f}×" + (f" {ci(estimate.ci, digits)}" if estimate.ci else "")
 
 
-def share(entry: dict | None) -> str:
-    if not entry or not entry.get("compared"):
+def share(entry) -> str:
+    """'9/12 (75%)' from an analysis.schema.Share (or None)."""
+    if entry is None or not entry.compared:
         return DASH
-    return f"{entry['identical']}/{entry['compared']} ({100 * entry['share']:.0f}%)"
+    return f"{entry.identical}/{entry.compared} ({100 * entry.share:.0f}%)"
 
 
 def percent(value) -> str:

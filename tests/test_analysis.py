@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 
 from analysis import acceptance
+from analysis.cells import find_cell
 from analysis.pairing import paired_requests, speed_units
 from analysis.report import results_json, write_report
-from analysis.results import compute_results, find_cell
+from analysis.results import compute_results
 from analysis.rundir import load_run
 from test_analysis_synthetic import ACCEPTANCE, COST_RATIO, DRAFT_PROBABILITY, K, write_synthetic_run
 
@@ -195,10 +196,10 @@ def test_cost_json_is_used_when_present(tmp_path):
 
 def test_speedup_falls_under_load_and_crosses_one(synthetic):
     _, results = synthetic
-    generic = results["load"]["generic"]
+    generic = results["regimes"]["generic"]
     assert generic["status"] == "crosses"
     assert generic["crosses_between"] == ["sequential", "concurrency-4"]
-    assert results["load"]["ngram"]["status"] == "above"
+    assert results["regimes"]["ngram"]["status"] == "above"
 
 
 def test_under_load_arms_without_common_prompts_are_compared_unpaired(synthetic):
@@ -271,8 +272,8 @@ def test_answer_compares_finetuned_with_its_generic_parent(synthetic):
     _, results = synthetic
     (answer,) = results["answer"]
     assert (answer["finetuned_arm"], answer["generic_arm"], answer["drafter"]) == ("finetuned", "generic", "finetuned")
-    gsm8k = next(r for r in answer["rows"] if (r["group"], r["stratum"]) == ("gsm8k", "all"))
-    xsum = next(r for r in answer["rows"] if (r["group"], r["stratum"]) == ("xsum", "all"))
+    gsm8k = next(r for r in answer["rows"] if (r["task"], r["stratum"]) == ("gsm8k", "all"))
+    xsum = next(r for r in answer["rows"] if (r["task"], r["stratum"]) == ("xsum", "all"))
     # Simulated: p 0.8 vs 0.55 on gsm8k, 0.52 vs 0.5 on xsum.
     assert gsm8k["tau_gain"]["ci"][0] > 0.4
     assert xsum["tau_gain"]["value"] < gsm8k["tau_gain"]["value"]
@@ -355,7 +356,7 @@ def test_baseline_only_run_without_cards_or_workload(tmp_path):
     (run_dir / "workload.jsonl").unlink()
     (run_dir / "workload.build.json").unlink()
     results = write_report(run_dir)
-    assert results["answer"] == [] and results["load"] == {} and results["controls"] == []
+    assert results["answer"] == [] and results["regimes"] == {} and results["controls"] == []
     assert any("not answered by this run" in line for line in results["summary"])
     assert find_cell(results["cells"], "baseline", "sequential")["speedup"]["tpot"]["n"] > 0
 

@@ -40,7 +40,7 @@ def test_report_writes_every_output(reported):
     assert headings == SECTIONS
     for name in FIGURES:
         assert f"](figures/{name})" in markdown
-    assert json.loads((reported / "results.json").read_text())["schema"] == 1
+    assert json.loads((reported / "results.json").read_text())["schema"] == 2
 
 
 def test_report_reproduces_results_json_exactly(reported, tmp_path):
@@ -53,7 +53,7 @@ def test_report_reproduces_results_json_exactly(reported, tmp_path):
 def test_report_numbers_come_from_results_json(reported):
     results = json.loads((reported / "results.json").read_text())
     markdown = (reported / "report.md").read_text()
-    cell = next(c for c in results["cells"] if (c["arm"], c["regime"], c["group"], c["stratum"])
+    cell = next(c for c in results["cells"] if (c["arm"], c["regime"], c["task"], c["stratum"])
                 == ("ngram", "sequential", "all", "all"))
     speed = cell["speedup"]["tpot"]
     assert f"{speed['value']:.2f}× [{speed['ci'][0]:.2f}, {speed['ci'][1]:.2f}]" in markdown
@@ -73,7 +73,7 @@ def test_compare_two_runs(reported, tmp_path):
     assert main(["compare", str(reported), str(other), "--out", str(tmp_path / "cmp")]) == 0
     comparison = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert set(comparison["runs"]) == {"a", "b"}
-    row = next(r for r in comparison["cells"] if (r["arm"], r["regime"], r["group"]) == ("ngram", "sequential", "all"))
+    row = next(r for r in comparison["cells"] if (r["arm"], r["regime"], r["task"]) == ("ngram", "sequential", "all"))
     assert row["tpot_speedup"][0]["value"] and row["tpot_speedup"][1]["value"]
     assert "finetuned vs generic" in comparison["answer"]
     assert "concurrency-4" in (tmp_path / "cmp" / "compare.md").read_text()

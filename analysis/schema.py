@@ -1,0 +1,418 @@
+"""results.json as types, for reading it: `Results.from_dict(results)`.
+
+compute_results (analysis/results.py) writes results.json as a plain dict;
+the summary, the report, the figures and `compare` read it through these
+classes instead of nested string keys. A class models the fields somebody
+reads; every instance keeps the dict it was built from as `raw`, so nothing
+unmodelled is lost (compare.json passes estimates on as they are).
+Building converts no value: an int stays an int, a missing optional field
+reads as its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from analysis.cells import ALL, cell_key
+
+
+@cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(hint, value):
+    """`value` (parsed JSON) as `hint` says: dataclasses from dicts, into lists,
+    dicts and optionals; anything else as it is."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _build(options[0], value) if len(options) == 1 else value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return [_build(item, v) for v in value]
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        return {k: _build(item, v) for k, v in value.items()}
+    if isinstance(hint, type) and issubclass(hint, Section):
+        return hint.from_dict(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Section:
+    """A part of results.json; `raw` is the dict it was read from. Each
+    subclass is a frozen dataclass of the fields it models."""
+
+    raw: dict = field(default_factory=dict, repr=False, compare=False, kw_only=True)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        values = {}
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "raw":
+                continue
+            if f.name in data:
+                values[f.name] = _build(hints[f.name], data[f.name])
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise KeyError(f"{cls.__name__}: results.json lacks {f.name!r}")
+        return cls(**values, raw=data)
+
+
+# --- the run -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArmInfo(Section):
+    """An arm as configured (rundir reads it from the config; results.json's run.arms)."""
+
+    name: str
+    method: str | None  # None: no speculation
+    num_speculative_tokens: int | None
+    drafter: str | None
+
+    def is_speculative(self, baseline: str) -> bool:
+        """The one definition of a speculative arm: it speculates and is not the baseline."""
+        return bool(self.method) and self.name != baseline
+
+
+@dataclass(frozen=True)
+class RunInfo(Section):
+    run_id: str
+    name: str
+    baseline_arm: str
+    arms: list[ArmInfo]
+    regimes: list[str]  # measured, in load order
+    primary_regime: str | None
+    regime_plans: dict[str, str]
+    target_dtype: str | None
+    temperature: float | None
+    duration_s: float | None
+
+    @property
+    def speculative_arms(self) -> list[ArmInfo]:
+        return [a for a in self.arms if a.is_speculative(self.baseline_arm)]
+
+
+@dataclass(frozen=True)
+class Coverage(Section):
+    prompts_sent: int
+    prompts_ok: int
+    baseline_prompts_without_answer: int
+
+
+@dataclass(frozen=True)
+class Inputs(Section):
+    records: int
+    arms_without_records: list[str]
+    dead_arms: dict[str, str]
+    requests_by_status: dict[str, dict[str, dict[str, int]]]  # arm -> regime -> status -> requests
+    coverage: dict[str, dict[str, Coverage]]  # arm -> regime
+
+
+@dataclass(frozen=True)
+class Bootstrap(Section):
+    kind: str
+    resamples: int
+    level: float
+    base_seed: int
+    unit: str
+    min_units_for_ci: int
+    small_sample: int
+
+
+@dataclass(frozen=True)
+class Methods(Section):
+    bootstrap: Bootstrap
+    pairing: str
+    speedup: str
+    alpha: str
+    significant_digits: int
+
+
+# --- cells ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Estimate(Section):
+    """A value over n units with its 95% interval (a speed-up, a gain, a slope)."""
+
+    n: int
+    value: float | None
+    ci: list[float] | None
+    n_reference: int | None = None  # an unpaired speed-up: the baseline's prompts
+
+
+@dataclass(frozen=True)
+class Spearman(Section):
+    n: int
+    rho: float | None
+    p: float | None
+
+
+@dataclass(frozen=True)
+class Latency(Section):
+    ttft_s: float | None
+    tpot_s: float | None
+    e2e_s: float | None
+    completion_tokens: float | None
+
+
+@dataclass(frozen=True)
+class Speedup(Section):
+    reference: str
+    paired: bool
+    tpot: Estimate
+    e2e: Estimate
+    median_gap_s: float | None
+
+
+@dataclass(frozen=True)
+class Share(Section):
+    """Prompts whose output equals the reference's."""
+
+    compared: int
+    identical: int
+    share: float | None
+    ci: list[float] | None
+
+
+@dataclass(frozen=True)
+class Lossless(Share):
+    baseline_self: Share | None = None  # the baseline against its own repeat, same scope
+
+
+@dataclass(frozen=True)
+class Acceptance(Section):
+    drafts: int
+    tau: float | None
+    tau_ci: list[float] | None
+    tokens_per_step: float | None
+    drafting_share: float | None
+    vllm_rate: float | None
+    position_rate: list[float]
+    conditional: list[float | None]
+    alpha: float | None
+    alpha_from_tau: float | None
+
+
+@dataclass(frozen=True)
+class Model(Section):
+    """The Leviathan model's prediction for one cell."""
+
+    alpha: float
+    gamma: int
+    c: float
+    drafting_share: float
+    expected_tokens_per_step: float
+    cost_factor: float
+    predicted_speedup: float
+    predicted_speedup_from_measured_tokens: float
+    measured_speedup: float | None
+
+
+@dataclass(frozen=True)
+class Cell(Section):
+    arm: str
+    regime: str
+    task: str
+    stratum: str
+    prompts: int
+    requests: int
+    latency: Latency
+    speedup: Speedup
+    lossless: Lossless
+    acceptance: Acceptance | None = None  # speculative arms only
+    model: Model | None = None
+
+    @property
+    def key(self) -> tuple:
+        return cell_key(self.arm, self.regime, self.task, self.stratum)
+
+
+@dataclass(frozen=True)
+class Cost(Section):
+    c: float | None
+    source: str
+    method: str
+    draft_step_s: float | None = None
+    target_step_s: float | None = None
+
+
+# --- lengths and the answer -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Divergence(Section):
+    """Two length samples compared: JS, W1, KS (None when a sample is empty)."""
+
+    js: float | None
+    w1: float | None
+    ks: float | None
+
+
+@dataclass(frozen=True)
+class LengthSummary(Section):
+    n: int
+    median: float | None
+
+
+@dataclass(frozen=True)
+class DivergenceMethod(Section):
+    js_log_base: int
+    bins_per_doubling: int
+    task_lengths: str
+
+
+@dataclass(frozen=True)
+class DatasetDivergence(Section):
+    tasks: list[str]
+    matrices: dict[str, dict[str, list[list[float | None]]]]  # kind -> measure -> matrix
+    source: str | None
+
+
+@dataclass(frozen=True)
+class Divergences(Section):
+    method: DivergenceMethod
+    tasks: list[str]
+    task_lengths: dict[str, dict[str, LengthSummary]]  # task -> kind
+    matrices: dict[str, dict[str, list[list[float | None]]]]  # kind -> measure -> task x task
+    datasets: DatasetDivergence | None
+    drafters: dict[str, dict[str, dict[str, Divergence]]]  # drafter -> task -> kind
+
+
+@dataclass(frozen=True)
+class Fit(Section):
+    spearman: Spearman
+    slope: Estimate
+    slope_within_task: Estimate | None = None  # on the headline measure only
+    slope_within_stratum: Estimate | None = None
+
+
+@dataclass(frozen=True)
+class GainRow(Section):
+    """The fine-tuned arm against the generic one in one (task, stratum)."""
+
+    task: str
+    stratum: str
+    is_control: bool
+    speed_ratio: Estimate
+    log_speed_ratio: float | None
+    tau_gain: Estimate
+    divergence_finetune: dict[str, Divergence]  # kind -> from the fine-tuning split
+    divergence_generic: dict[str, Divergence]
+
+    def gain(self, name: str) -> float | None:
+        """One of cells.GAINS."""
+        return self.log_speed_ratio if name == "log_speed_ratio" else self.tau_gain.value
+
+
+@dataclass(frozen=True)
+class Answer(Section):
+    finetuned_arm: str
+    generic_arm: str
+    drafter: str
+    regime: str | None
+    finetune_tasks: list[str] | str
+    rows: list[GainRow]
+    fits: dict[str, Fit]  # cells.fit_key(gain, measure, kind)
+    missing: str | None = None  # why this pair is not answered
+    cells_in_fit: int | None = None
+
+
+@dataclass(frozen=True)
+class PromptMatch(Section):
+    control_vs_like: Divergence
+    task_vs_like: Divergence
+    reference: str
+
+
+@dataclass(frozen=True)
+class ControlArm(Section):
+    speedup_tpot: Estimate
+    tau: float | None
+    tau_ci: list[float] | None
+
+
+@dataclass(frozen=True)
+class ControlGain(Section):
+    speed_ratio: Estimate
+    tau_gain: Estimate
+
+
+@dataclass(frozen=True)
+class Control(Section):
+    """A length-matched control: `task` prompts resampled to `like`'s lengths, analysed as `label`."""
+
+    label: str
+    task: str
+    like: str
+    prompt_divergence: PromptMatch
+    arms: dict[str, dict[str, ControlArm | None]]  # arm -> task, control or like -> its cell
+    gains: dict[str, dict[str, ControlGain | None]]  # fine-tuned arm -> task, control or like
+
+
+# --- regimes and drift -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RegimePoint(Section):
+    regime: str
+    paired: bool
+    tpot: Estimate
+    e2e: Estimate
+
+
+@dataclass(frozen=True)
+class RegimeCurve(Section):
+    """An arm's speed-up across the load regimes."""
+
+    points: list[RegimePoint]
+    crosses_between: list[str] | None
+    status: str  # crosses, above, below, at, no data
+
+
+@dataclass(frozen=True)
+class Drift(Section):
+    n: int
+    span_min: float
+    percent_over_span: float | None
+    ci: list[float | None]
+    spearman: Spearman
+
+
+# --- the whole -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Results(Section):
+    schema: int
+    run: RunInfo
+    methods: Methods
+    inputs: Inputs
+    cells: list[Cell]
+    cost: dict[str, Cost]  # speculative arm -> its draft/target cost ratio
+    divergence: Divergences
+    answer: list[Answer]
+    controls: list[Control]
+    regimes: dict[str, RegimeCurve]  # speculative arm -> its speed-up across regimes
+    drift: dict[str, dict[str, Drift]]  # arm -> regime
+    environment: dict
+    summary: list[str] = field(default_factory=list)  # absent while the summary is being written
+
+    def __post_init__(self):
+        index = {}
+        for c in self.cells:
+            index.setdefault(c.key, c)
+        object.__setattr__(self, "_cells", index)
+
+    def cell(self, arm: str, regime: str | None, task: str = ALL, stratum: str = ALL) -> Cell | None:
+        return self._cells.get(cell_key(arm, regime, task, stratum))
+
+    def cells_in(self, regime: str | None, arms: list[str] | None = None, strata: bool = True) -> list[Cell]:
+        """The cells of one regime (of some arms; with or without the per-stratum ones), in results order."""
+        return [c for c in self.cells if c.regime == regime and (arms is None or c.arm in arms)
+                and (strata or c.stratum == ALL)]
