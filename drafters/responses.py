@@ -122,6 +122,7 @@ def follow_progress(child: Child, progress, poll_s: float = 2.0) -> None:
 
 def _run_vllm(args: argparse.Namespace) -> None:
     """Child-process entry: generate greedily in chunks, appending each to the cache."""
+    # Here, not at the top: only this child process runs vLLM; the parent imports this module to call it.
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

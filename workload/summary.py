@@ -77,6 +77,7 @@ def summary_markdown(rows: list[dict], report: dict | None) -> str:
 def plot_lengths(report: dict, path: Path) -> Path:
     """Histograms of prompt and reference lengths per task, on log-spaced
     bins, over every kept prompt (both splits), with the stratum edges."""
+    # Here, not at the top: matplotlib is slow to import and only this figure needs it.
     import matplotlib
 
     matplotlib.use("Agg")
