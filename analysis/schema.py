@@ -103,9 +103,9 @@ class RunInfo(Section):
 
 @dataclass(frozen=True)
 class Coverage(Section):
-    prompts_sent: int
-    prompts_ok: int
-    baseline_prompts_without_answer: int
+    prompts_sent: int  # to this arm in this regime
+    prompts_ok: int  # of which answered ok
+    baseline_prompts_without_answer: int  # so unpaired
 
 
 @dataclass(frozen=True)
@@ -131,10 +131,10 @@ class Bootstrap(Section):
 @dataclass(frozen=True)
 class Methods(Section):
     bootstrap: Bootstrap
-    pairing: str
+    pairing: str  # each one a sentence for the methods section
     speedup: str
     alpha: str
-    significant_digits: int
+    significant_digits: int  # of every float in results.json
 
 
 # --- cells ---------------------------------------------------------------------------
@@ -143,9 +143,9 @@ class Methods(Section):
 class Estimate(Section):
     """A value over n units with its 95% interval (a speed-up, a gain, a slope)."""
 
-    n: int
-    value: float | None
-    ci: list[float] | None
+    n: int  # units (prompts; cells for a fit)
+    value: float | None  # None below the minimum units
+    ci: list[float] | None  # [low, high]
     n_reference: int | None = None  # an unpaired speed-up: the baseline's prompts
 
 
@@ -264,9 +264,9 @@ class LengthSummary(Section):
 
 @dataclass(frozen=True)
 class DivergenceMethod(Section):
-    js_log_base: int
-    bins_per_doubling: int
-    task_lengths: str
+    js_log_base: int  # 2: JS in bits, in [0, 1]
+    bins_per_doubling: int  # of the shared log-spaced length bins
+    task_lengths: str  # where each task's own lengths came from
 
 
 @dataclass(frozen=True)
@@ -327,16 +327,16 @@ class Answer(Section):
 
 @dataclass(frozen=True)
 class PromptMatch(Section):
-    control_vs_like: Divergence
-    task_vs_like: Divergence
-    reference: str
+    control_vs_like: Divergence  # the control's prompt lengths against the task it imitates
+    task_vs_like: Divergence  # the source task's own, for contrast
+    reference: str  # which lengths stand for the imitated task
 
 
 @dataclass(frozen=True)
 class ControlArm(Section):
-    speedup_tpot: Estimate
-    tau: float | None
-    tau_ci: list[float] | None
+    speedup_tpot: Estimate  # in the control's cell
+    tau: float | None  # its acceptance length there
+    tau_ci: list[float] | None  # and the interval
 
 
 @dataclass(frozen=True)
