@@ -10,25 +10,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from core.config import ExperimentConfig
+from core.config import ExperimentConfig, GatewayConfig
 from service.tags import Vocabulary
 
 
-class GatewaySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GatewaySettings(GatewayConfig):
+    """The config's `gateway` section (host, limits, auth, timeouts: one
+    definition, core.config.GatewayConfig), resolved for one process."""
 
-    host: str = "127.0.0.1"
     port: int = Field(default=8100, ge=0, le=65535)
     # arm name -> upstream base URLs (replicas), without /v1.
     upstreams: dict[str, list[str]]
-    records_path: Path
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    max_tokens_limit: int = Field(default=4096, ge=1)
-    auth_token_env: str | None = None
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    read_timeout_s: float = Field(default=300.0, gt=0)
+    records_path: Path  # resolved: the config's may be unset
     vocabulary: Vocabulary = Field(default_factory=Vocabulary)
     # How long a stopping gateway lets in-flight requests finish before it
     # cancels (and records) them; below ProcessStack's 15 s SIGTERM grace.
@@ -66,17 +61,11 @@ def settings_from_config(config: ExperimentConfig, upstreams: dict[str, list[str
     """`vocabulary`: the task and stratum label values Prometheus may see
     (workload.builder.tag_vocabulary gives a config's); run_ids: the run
     label values. Anything else is counted as `other`."""
-    gateway = config.gateway
     return GatewaySettings(
-        host=gateway.host,
+        **config.gateway.model_dump(exclude={"records_path"}),
         port=config.ports.gateway if port is None else port,
         upstreams=upstreams,
         records_path=Path(records_path) if records_path else default_records_path(config),
-        max_body_bytes=gateway.max_body_bytes,
-        max_tokens_limit=gateway.max_tokens_limit,
-        auth_token_env=gateway.auth_token_env,
-        connect_timeout_s=gateway.connect_timeout_s,
-        read_timeout_s=gateway.read_timeout_s,
         vocabulary=Vocabulary(run=list(run_ids or []), task=list(vocabulary.get("task", [])),
                               stratum=list(vocabulary.get("stratum", []))),
     )
