@@ -11,7 +11,7 @@ the last message (chat), e.g. "fake:tokens=5 fake:die_after=2":
 
 | directive | effect |
 |---|---|
-| tokens=N | N output tokens (default: min(max_tokens, 16)) |
+| tokens=N | N output tokens (default: min(max_completion_tokens or max_tokens, 16)) |
 | burst=B | B tokens per chunk, like a speculative step (default 1) |
 | first_ms=T | wait T ms before the first token |
 | delay_ms=T | wait T ms between chunks |
@@ -106,7 +106,9 @@ class FakeUpstream:
 
     async def stream(self, request: dict, chat: bool, options: dict, reader, writer) -> bool:
         """Write the SSE stream; False if the client went away (or we dropped it on purpose)."""
-        n_tokens = options.get("tokens", min(request.get("max_tokens") or 16, 16))
+        # The output bound as vLLM reads it: max_completion_tokens first.
+        budget = request.get("max_completion_tokens") or request.get("max_tokens") or 16
+        n_tokens = options.get("tokens", min(budget, 16))
         burst = max(1, options.get("burst", 1))
         with_ids = bool(request.get("return_token_ids"))
         head = {"id": "fake-1", "object": "chat.completion.chunk" if chat else "text_completion",

@@ -120,13 +120,36 @@ class GatewayConfig(StrictModel):
     # SQLite file for per-request records; default: <run dir>/records.sqlite,
     # or <cache>/records.sqlite for `specdrift serve`.
     records_path: str | None = None
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # 1 MiB: far over any prompt a served context takes, and ~3 ms of parsing at worst.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_tokens_limit: int = Field(default=4096, ge=1)
     # Name of an environment variable holding a bearer token; unset = no auth.
     auth_token_env: str | None = None
     connect_timeout_s: float = Field(default=5.0, gt=0)
     # Longest silence allowed from an upstream while streaming.
     read_timeout_s: float = Field(default=300.0, gt=0)
+    # What one client may send, refused before any work (docs/gateway.md, "Limits").
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)  # request line and headers
+    max_headers: int = Field(default=100, ge=8)
+    header_timeout_s: float = Field(default=10.0, gt=0)  # connection (or first byte) to the end of the headers
+    body_timeout_s: float = Field(default=30.0, gt=0)  # end of the headers to the end of the body
+    # `{`, `[` and `,` in a body, counted before parsing: bounds the parser's work.
+    max_json_values: int = Field(default=40_000, ge=64)
+    max_messages: int = Field(default=1024, ge=1)  # also content parts per message
+    # A string one over this still fits in max_body_bytes, even \u-escaped: refused by the schema (422).
+    max_prompt_chars: int = Field(default=131_072, ge=1)  # a text prompt, one message's text or text part
+    max_prompt_tokens: int = Field(default=32_768, ge=1)  # a prompt given as token ids
+    # /metrics: its own token's variable; unset = the API's token (if any).
+    metrics_token_env: str | None = None
+    metrics_open: bool = False  # /metrics without any token, even with auth on
+    # Show upstream URLs and the records path in /health (off: they are internals).
+    expose_internals: bool = False
+
+    @model_validator(mode="after")
+    def _metrics_guard_is_one_thing(self) -> "GatewayConfig":
+        if self.metrics_open and self.metrics_token_env:
+            raise ValueError("metrics_open and metrics_token_env exclude each other")
+        return self
 
 
 class DatasetSpec(StrictModel):

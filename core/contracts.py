@@ -44,9 +44,10 @@ UPSTREAM_ERROR = "upstream_error"  # the arm answered with an error
 UPSTREAM_UNAVAILABLE = "upstream_unavailable"  # no replica reachable
 UPSTREAM_TIMEOUT = "upstream_timeout"
 UPSTREAM_DIED = "upstream_died"  # the connection broke mid-stream
+UPSTREAM_INVALID = "upstream_invalid"  # the arm sent a value the gateway does not take
 GATEWAY_SHUTDOWN = "gateway_shutdown"  # cancelled when the gateway stopped
 STATUSES = (OK, CLIENT_DISCONNECT, UPSTREAM_ERROR, UPSTREAM_UNAVAILABLE, UPSTREAM_TIMEOUT, UPSTREAM_DIED,
-            GATEWAY_SHUTDOWN)
+            UPSTREAM_INVALID, GATEWAY_SHUTDOWN)
 
 
 # --- per-request records ----------------------------------------------------------

@@ -2,8 +2,8 @@
 
 `create_app` puts it together: the per-process `Gateway` (service/gateway.py),
 stored on `app.state` where the routes' `get_gateway` dependency finds it; its
-lifespan; the edge middleware (request ids, body limit); the OpenAI-style
-error handlers; and the router (service/routes.py)."""
+lifespan; the edge middleware (request ids, bearer token, body limit); the
+OpenAI-style error handlers; and the router (service/routes.py)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.gateway = gateway
     install_error_handlers(app, gateway.count_rejection)
     app.add_exception_handler(Exception, _unexpected)
-    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=gateway.count_rejection)
-    # This gateway's max_tokens bound and arm names are part of the request schema.
-    completion, chat = request_models(settings.max_tokens_limit, list(gateway.arms))
-    app.include_router(build_router(completion, chat, auth=bool(gateway.token)))
+    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, on_reject=gateway.count_rejection,
+                       api_token=gateway.token, metrics_token=settings.metrics_token())
+    # This gateway's bounds and arm names are part of the request schema.
+    completion, chat = request_models(settings.max_tokens_limit, list(gateway.arms), max_messages=settings.max_messages,
+                                      max_prompt_chars=settings.max_prompt_chars,
+                                      max_prompt_tokens=settings.max_prompt_tokens)
+    app.include_router(build_router(completion, chat, auth=bool(gateway.token),
+                                    max_json_values=settings.max_json_values,
+                                    expose_internals=settings.expose_internals))
     return app

@@ -2,11 +2,15 @@
 
 The gateway always streams from the arm (that is how it sees every token's
 arrival); a client that asked for `stream: false` gets the same object an
-OpenAI server would return, put together from the chunks."""
+OpenAI server would return, put together from the chunks. The relay passes
+only events that service/measure.py has checked; what only the assembly reads
+(tool calls, logprobs) is checked here, and raises `UpstreamInvalid`."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from service.measure import UpstreamInvalid, checked_text, shown
 
 
 class Assembly:
@@ -61,22 +65,27 @@ class Assembly:
             self.finish_reason = choice["finish_reason"]
             self.stop_reason = choice.get("stop_reason")
 
-    def _add_tool_call(self, call: dict[str, Any]) -> None:
+    def _add_tool_call(self, call: Any) -> None:
         """Tool calls stream as pieces keyed by index: id, type and name first, then argument fragments."""
-        merged = self.tool_calls.setdefault(call.get("index", 0), {"id": None, "type": "function",
-                                                                    "function": {"name": "", "arguments": ""}})
+        index = call.get("index", 0) if type(call) is dict else None
+        function = (call.get("function") or {}) if type(call) is dict else None
+        if type(index) is not int or type(function) is not dict:
+            raise UpstreamInvalid(f"tool call {shown(call)} is not an object with an integer index")
+        merged = self.tool_calls.setdefault(index, {"id": None, "type": "function",
+                                                    "function": {"name": "", "arguments": ""}})
         if call.get("id"):
-            merged["id"] = call["id"]
+            merged["id"] = checked_text(call["id"], "tool_calls[].id")
         if call.get("type"):
-            merged["type"] = call["type"]
-        function = call.get("function") or {}
+            merged["type"] = checked_text(call["type"], "tool_calls[].type")
         if function.get("name"):
-            merged["function"]["name"] += function["name"]
+            merged["function"]["name"] += checked_text(function["name"], "tool_calls[].function.name")
         if function.get("arguments"):
-            merged["function"]["arguments"] += function["arguments"]
+            merged["function"]["arguments"] += checked_text(function["arguments"], "tool_calls[].function.arguments")
 
-    def _add_logprobs(self, logprobs: dict[str, Any]) -> None:
+    def _add_logprobs(self, logprobs: Any) -> None:
         """Chat logprobs stream as `content` lists, completion logprobs as parallel lists: concatenate each."""
+        if type(logprobs) is not dict:
+            raise UpstreamInvalid(f"logprobs is {shown(logprobs)}, not an object")
         if self.logprobs is None:
             self.logprobs = {}
         for key, values in logprobs.items():

@@ -24,8 +24,10 @@ TYPE_FOR_STATUS = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
+    431: "invalid_request_error",
     500: "internal_error",
     502: UPSTREAM_DIED,
     503: UPSTREAM_UNAVAILABLE,
@@ -66,7 +68,8 @@ def _validation_message(err: RequestValidationError) -> tuple[int, str, str | No
     errors = err.errors()
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return 400, "request body is not valid JSON", None
+        detail = (first.get("ctx") or {}).get("error")
+        return 400, "request body is not valid JSON" + (f" ({detail})" if detail else ""), None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if not loc:
         return 422, "the body must be a JSON object, sent with Content-Type: application/json", None

@@ -3,6 +3,11 @@ the label vocabulary, the bearer token, and, while the app is serving, the
 record store and the upstream client session. It turns an accepted request
 into a `Relay`. The routes (service/routes.py) reach it through a dependency.
 
+Should the record writer ever stop, nothing more can be recorded: /health
+fails (503), the gateway stops as on SIGTERM, and the process exits with
+status 3 so that compose (`restart: unless-stopped`) or Kubernetes starts a
+new one; a timer exits it anyway if that stop takes too long.
+
 The upstream client is aiohttp, not httpx: httpcore 1.0's connection pool
 does O(connections²) work per request, which measured 1.6 ms of CPU per
 streamed request at 16 concurrent streams and 3.9 ms at 64, against a flat
@@ -14,6 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import threading
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -33,6 +41,9 @@ from service.upstreams import Upstream, build_upstreams
 log = logging.getLogger(__name__)
 
 DISCOVERY_RETRY_S = 5.0
+WRITER_STOPPED_EXIT = 3
+# Beyond shutdown_grace_s, what the stop after a writer failure may take before a hard exit.
+WRITER_STOPPED_EXIT_MARGIN_S = 10.0
 
 
 class Gateway:
@@ -47,6 +58,7 @@ class Gateway:
         # Both set by serving(), for the app's lifetime.
         self.store: RecordStore | None = None
         self.relay_context: RelayContext | None = None
+        self.writer_stopped = False
 
     def in_flight(self) -> int:
         return sum(upstream.in_flight for upstream in self.arms.values())
@@ -59,7 +71,8 @@ class Gateway:
         """The app's lifespan: open the store and the upstream client, and on
         the way out give cancelled requests a moment to record themselves."""
         settings = self.settings
-        self.store = RecordStore(settings.records_path)
+        self.store = RecordStore(settings.records_path, on_failure=self.metrics.count_write_failure,
+                                 on_stop=self._on_writer_stopped)
         # sock_read bounds the silence between two reads, not the whole stream.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
                                         sock_read=settings.read_timeout_s)
@@ -69,7 +82,8 @@ class Gateway:
         # request never goes out on a connection the server is closing.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as client:
-            self.relay_context = RelayContext(client, self.store, self.metrics, settings.read_timeout_s)
+            self.relay_context = RelayContext(client, self.store, self.metrics, settings.read_timeout_s,
+                                              settings.expose_internals)
             discovery = asyncio.create_task(self.discover_served_models(client))
             log.info("gateway: arms %s; records in %s", ", ".join(self.arms), settings.records_path)
             try:
@@ -83,6 +97,19 @@ class Gateway:
                     await asyncio.sleep(0.01)
         self.store.close()
         log.info("gateway stopped: %d records written, %d failed", self.store.written, self.store.failed)
+        if self.writer_stopped:
+            log.critical("exiting with status %d: the record writer had stopped", WRITER_STOPPED_EXIT)
+            os._exit(WRITER_STOPPED_EXIT)
+
+    def _on_writer_stopped(self) -> None:
+        """The store's on_stop, in its writer thread: stop serving, then exit non-zero (the module docstring)."""
+        self.writer_stopped = True
+        deadline = self.settings.shutdown_grace_s + WRITER_STOPPED_EXIT_MARGIN_S
+        log.critical("the record writer stopped: stopping the gateway (exit within %gs)", deadline)
+        timer = threading.Timer(deadline, os._exit, (WRITER_STOPPED_EXIT,))
+        timer.daemon = True
+        timer.start()
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def accept(self, request: Request, body: GenerationRequest, endpoint: str) -> Relay:
         """Check an incoming request and turn it into a relay to its arm."""

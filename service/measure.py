@@ -5,6 +5,14 @@ anchored once per request to the wall clock for the epoch columns. A chunk
 "carries output" when it has token ids, or, from an upstream that sends no
 ids, any text. Chat's opening role-only chunk carries none, so it does not
 count as the first token.
+
+Every value taken from a chunk is checked first (`Measurement.take`), with
+plain type checks, cheap enough for every chunk: counts are integers in
+SQLite's range, text is a string UTF-8 can hold (no lone surrogate), token
+ids are such counts, `finish_reason` is a short string, the speculative
+metrics are counts, and an arm sends no more token ids than max_tokens and
+no more events than max_tokens + 64. Anything else raises `UpstreamInvalid`
+before the chunk changes anything.
 """
 
 from __future__ import annotations
@@ -15,7 +23,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from service.records import INT64_MAX, storable_text
 from service.tags import Tags
+
+# Events beyond max_tokens an arm may send (role, usage, tool-call pieces);
+# past that the stream is not the request's, and an endless one ends.
+EVENT_SLACK = 64
+MAX_FINISH_REASON = 64
+# Draft positions the acceptance histogram may cover; vLLM caps far lower.
+MAX_DRAFT_POSITIONS = 64
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -41,14 +57,73 @@ def accepted_per_position(histogram: list[int]) -> list[int]:
 
 
 def count(value: Any) -> int | None:
-    """A token or step count from the upstream, or None if it is not a non-negative integer."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """A token or step count from the upstream, or None if it is not an integer in [0, 2**63)."""
+    return value if type(value) is int and 0 <= value <= INT64_MAX else None
 
 
 def output_hash(token_ids: list[int] | None, text: str) -> tuple[str, str]:
     if token_ids is not None:
         return hashlib.sha256(json.dumps(token_ids, separators=(",", ":")).encode()).hexdigest(), "token_ids"
-    return hashlib.sha256(text.encode("utf-8")).hexdigest(), "text"
+    # surrogatepass: a record is never lost to its hash (checked text has no lone surrogates).
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(), "text"
+
+
+class UpstreamInvalid(ValueError):
+    """A value in an arm's chunk that the gateway does not take; the message names it."""
+
+
+def shown(value: Any) -> str:
+    """A short, plain-ASCII rendering of an upstream value for an error message."""
+    text = ascii(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def checked_count(value: Any, name: str) -> int | None:
+    if value is None or count(value) is not None:
+        return value
+    raise UpstreamInvalid(f"{name} is {shown(value)}, not a count below 2**63")
+
+
+def checked_text(value: Any, name: str) -> str | None:
+    if value is None or type(value) is str and storable_text(value) is value:
+        return value
+    if type(value) is str:
+        raise UpstreamInvalid(f"{name} is not valid Unicode (it holds a lone surrogate): {shown(value)}")
+    raise UpstreamInvalid(f"{name} is {shown(value)}, not a string")
+
+
+def checked_token_ids(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if type(value) is not list:
+        raise UpstreamInvalid(f"token_ids is {shown(value)}, not a list")
+    for token in value:
+        if type(token) is not int or not 0 <= token <= INT64_MAX:
+            raise UpstreamInvalid(f"token_ids holds {shown(token)}, not a token id")
+    return value
+
+
+def checked_spec(metrics: Any) -> dict[str, Any] | None:
+    """vLLM's `metrics.speculative_decoding` object, checked where the record reads it."""
+    if metrics is None:
+        return None
+    if type(metrics) is not dict:
+        raise UpstreamInvalid(f"metrics is {shown(metrics)}, not an object")
+    spec = metrics.get("speculative_decoding")
+    if spec is None:
+        return None
+    if type(spec) is not dict:
+        raise UpstreamInvalid(f"metrics.speculative_decoding is {shown(spec)}, not an object")
+    for key in ("num_spec_steps", "num_draft_tokens", "num_accepted_draft_tokens"):
+        checked_count(spec.get(key), f"speculative_decoding.{key}")
+    histogram = spec.get("acceptance_histogram")
+    if histogram is not None:
+        if type(histogram) is not list or len(histogram) > MAX_DRAFT_POSITIONS + 1:
+            raise UpstreamInvalid(f"speculative_decoding.acceptance_histogram is {shown(histogram)}, not a list "
+                                  f"of at most {MAX_DRAFT_POSITIONS + 1} counts")
+        for steps in histogram:
+            checked_count(steps, "speculative_decoding.acceptance_histogram[]")
+    return spec
 
 
 @dataclass(slots=True)
@@ -69,7 +144,7 @@ class Measurement:
     """Accumulates one request's output and timings as its chunks arrive."""
 
     __slots__ = ("info", "t0_wall", "t0", "first_token", "last_token", "gaps", "token_ids", "text_parts",
-                 "finish_reason", "usage", "spec", "upstream")
+                 "events", "finish_reason", "usage", "spec", "upstream")
 
     def __init__(self, info: RequestInfo):
         self.info = info
@@ -81,10 +156,60 @@ class Measurement:
         # None once a chunk with output but without ids arrives: then hash the text.
         self.token_ids: list[int] | None = []
         self.text_parts: list[str] = []
+        self.events = 0
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self.spec: dict[str, Any] | None = None
         self.upstream: str | None = None
+
+    def take(self, now: float, event: dict[str, Any], chat: bool) -> None:
+        """Measure one event of the arm's stream (arrived at `now`), once every value read from it is checked."""
+        self.events += 1
+        if self.events > self.info.max_tokens + EVENT_SLACK:
+            raise UpstreamInvalid(f"more events than max_tokens ({self.info.max_tokens}) allows")
+        usage = event.get("usage")
+        spec = None
+        if usage:
+            if type(usage) is not dict:
+                raise UpstreamInvalid(f"usage is {shown(usage)}, not an object")
+            for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                checked_count(usage.get(key), f"usage.{key}")
+            spec = checked_spec(event.get("metrics"))
+        choices = event.get("choices")
+        if choices:
+            if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
+                raise UpstreamInvalid(f"choices is {shown(choices)}, not a list of one object")
+            self._take_choice(now, choices[0], chat)
+        if usage:
+            self.usage = usage
+            self.spec = spec
+
+    def _take_choice(self, now: float, choice: dict[str, Any], chat: bool) -> None:
+        if chat:
+            delta = choice.get("delta")
+            if delta is None:
+                delta = {}
+            elif type(delta) is not dict:
+                raise UpstreamInvalid(f"delta is {shown(delta)}, not an object")
+            text = checked_text(delta.get("content"), "delta.content")
+            reasoning = checked_text(delta.get("reasoning"), "delta.reasoning") or checked_text(
+                delta.get("reasoning_content"), "delta.reasoning_content")
+            tool_calls = delta.get("tool_calls")
+            if tool_calls is not None and type(tool_calls) is not list:
+                raise UpstreamInvalid(f"delta.tool_calls is {shown(tool_calls)}, not a list")
+            carries = text or reasoning or tool_calls
+        else:
+            text = carries = checked_text(choice.get("text"), "text")
+        token_ids = checked_token_ids(choice.get("token_ids"))
+        finish_reason = checked_text(choice.get("finish_reason"), "finish_reason")
+        if finish_reason is not None and len(finish_reason) > MAX_FINISH_REASON:
+            raise UpstreamInvalid(f"finish_reason is {shown(finish_reason)}, longer than {MAX_FINISH_REASON}")
+        if token_ids and self.token_ids is not None and len(self.token_ids) + len(token_ids) > self.info.max_tokens:
+            raise UpstreamInvalid(f"more token ids than max_tokens ({self.info.max_tokens})")
+        if token_ids or token_ids is None and carries:
+            self.on_output(now, token_ids or None, text)
+        if finish_reason:
+            self.finish_reason = finish_reason
 
     def on_output(self, now: float, token_ids: list[int] | None, text: str | None) -> None:
         """A chunk that carries output arrived at `now`."""

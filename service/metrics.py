@@ -3,7 +3,9 @@
 Labels are bounded: `arm` is a configured arm, and `run`, `task`, `stratum`
 come from service/tags.py's vocabulary (else `other`). Latency and token
 histograms see successful requests only; counters see every recorded request,
-so that each counter equals the sum of its column over the records."""
+so that each counter equals the sum of its column over the records. A record
+is counted when its commit lands (the store's `on_stored`), whatever became
+of the request meanwhile."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
-from core.contracts import OK, UPSTREAM_DIED, UPSTREAM_ERROR, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE
+from core.contracts import OK, UPSTREAM_DIED, UPSTREAM_ERROR, UPSTREAM_INVALID, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE
+from service.records import WRITE_FAILURE_REASONS
 
 LABELS = ("run", "arm", "task", "stratum")
 # vLLM caps num_speculative_tokens far below this; it bounds `position` against a misbehaving upstream.
@@ -24,7 +27,7 @@ SECONDS_TTFT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60
 SECONDS_PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 UPSTREAM_ERROR_KINDS = {UPSTREAM_ERROR: "error", UPSTREAM_UNAVAILABLE: "unavailable", UPSTREAM_TIMEOUT: "timeout",
-                        UPSTREAM_DIED: "died"}
+                        UPSTREAM_DIED: "died", UPSTREAM_INVALID: "invalid"}
 
 
 class GatewayMetrics:
@@ -67,10 +70,17 @@ class GatewayMetrics:
                                 "Requests refused before acceptance (not recorded), by reason.", ("reason",),
                                 registry=r)
         self.record_write_failures = Counter("specdrift_record_write_failures_total",
-                                             "Records that could not be written to the store.", registry=r)
+                                             "Records that could not be written as they were, by reason "
+                                             "(service/records.py).", ("reason",), registry=r)
         for arm in arms:
             self.in_flight.labels(arm)  # exported as 0 before the first request
+        for reason in WRITE_FAILURE_REASONS:
+            self.record_write_failures.labels(reason)
         self._children: dict[tuple[str, ...], SimpleNamespace] = {}
+
+    def count_write_failure(self, reason: str) -> None:
+        """The record store's `on_failure`; called from its writer thread too (prometheus_client locks)."""
+        self.record_write_failures.labels(reason).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,7 +17,7 @@ counts them.
 | endpoint | TEXT | `chat` or `completions` |
 | stream | INTEGER | 1 if the client asked for a stream (the upstream is always streamed) |
 | upstream | TEXT | base URL of the replica that served it (NULL if none was reachable) |
-| status | TEXT | `ok`, `client_disconnect`, `upstream_error` (the arm answered an error), `upstream_unavailable` (no replica reachable), `upstream_timeout`, `upstream_died` (connection broke mid-stream), `gateway_shutdown` (cancelled when the gateway stopped) |
+| status | TEXT | `ok`, `client_disconnect`, `upstream_error` (the arm answered an error), `upstream_unavailable` (no replica reachable), `upstream_timeout`, `upstream_died` (connection broke mid-stream), `upstream_invalid` (the arm sent a value the gateway does not take), `gateway_shutdown` (cancelled when the gateway stopped) |
 | http_status | INTEGER | status the client got (200 also when a stream later failed) |
 | error | TEXT | error message, NULL when ok |
 | finish_reason | TEXT | the arm's finish reason (`stop`, `length`, ...) |
@@ -53,6 +53,19 @@ a gateway restart does not need). The gateway waits for a request's commit
 before it sends the response's last bytes, so every acknowledged request is
 on disk. Writes happen on one writer thread that commits whatever has queued
 up in one transaction, so the event loop never touches SQLite.
+
+Failures stay contained. Every value is made storable before it is queued:
+an integer outside SQLite's signed 64 bits or of the wrong kind becomes
+NULL, a string loses its lone surrogates (replaced by `?`), and a record
+that needed this is stored with status `upstream_invalid` (if it was `ok`)
+and the columns named in `error`. Any exception while writing one record is
+caught, logged and counted, and the other records of its batch are written
+one by one. `on_failure(reason)` counts each failure: `unstorable_value`
+(stored, changed as above), `database` (SQLite refused it), `unexpected`
+(anything else), `writer_stopped` (the writer is not running); only the
+first is stored. Should the writer thread still end, every waiting or later
+write fails at once instead of hanging, `alive()` turns false and `on_stop()`
+is called.
 """
 
 from __future__ import annotations
@@ -65,16 +78,21 @@ import logging
 import queue
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from core.contracts import RECORD_COLUMNS, RECORDS_TABLE
+from core.contracts import OK, RECORD_COLUMNS, RECORDS_TABLE, UPSTREAM_INVALID
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("parquet", "csv", "jsonl")
+WRITE_FAILURE_REASONS = ("unstorable_value", "database", "unexpected", "writer_stopped")
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1  # SQLite INTEGER
 
 _INSERT = f"INSERT INTO {RECORDS_TABLE} ({', '.join(RECORD_COLUMNS)}) VALUES ({', '.join('?' * len(RECORD_COLUMNS))})"
+_KINDS = tuple((name, kind.split()[0]) for name, kind in RECORD_COLUMNS.items())
+_FLOAT_MAX = 2 ** 1023  # below float's largest value
 _STOP = object()
 
 
@@ -99,9 +117,50 @@ def _open(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _resolve_all(done: list[tuple[asyncio.Future, BaseException | None]]) -> None:
-    for future, error in done:
-        if future.done():  # the waiting request was cancelled meanwhile
+def storable_text(value: str) -> str:
+    """`value` without lone surrogates (UTF-8, so SQLite, cannot hold them), each replaced by `?`."""
+    if value.isascii():
+        return value
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace").decode()
+    return value
+
+
+def _row(record: dict[str, Any]) -> tuple[list, list[int]]:
+    """The record as a row SQLite takes, and the indexes of the values that had to change."""
+    row = []
+    changed = []
+    for index, (name, kind) in enumerate(_KINDS):
+        value = record.get(name)
+        if value is None:
+            pass
+        elif kind == "TEXT":
+            if type(value) is not str or storable_text(value) is not value:
+                value = storable_text(str(value))
+                changed.append(index)
+        elif type(value) is float and kind == "REAL":
+            pass
+        elif isinstance(value, int) and INT64_MIN <= value <= INT64_MAX:
+            pass
+        elif kind == "REAL" and isinstance(value, int) and abs(value) < _FLOAT_MAX:
+            value = float(value)
+        else:  # an integer too large for SQLite, or a value of the wrong kind
+            value = None
+            changed.append(index)
+        row.append(value)
+    return row, changed
+
+
+def _resolve_all(done: list[tuple[asyncio.Future | None, BaseException | None, Callable[[], None] | None]]) -> None:
+    for future, error, on_stored in done:
+        if error is None and on_stored is not None:
+            try:
+                on_stored()
+            except Exception:  # counting must not keep the request waiting
+                log.exception("on_stored failed")
+        if future is None or future.done():  # nobody waits, or the waiting request was cancelled
             continue
         if error is None:
             future.set_result(None)
@@ -115,13 +174,22 @@ class RecordStore:
     The writer needs the GIL, which a busy event loop holds, so it is kept to
     few acquisitions per batch: rows are built by the caller, the batch is
     inserted with one executemany and one commit (SQLite runs without the
-    GIL), and the waiting requests are woken with one callback."""
+    GIL), and the waiting requests are woken with one callback, which first
+    calls each record's `on_stored` (so counters count exactly what is
+    committed, even for a request cancelled while it waited)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_failure: Callable[[str], None] | None = None,
+                 on_stop: Callable[[], None] | None = None):
         self.path = Path(path)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._opened = threading.Event()
         self._open_error: BaseException | None = None
+        self._on_failure = on_failure
+        self._on_stop = on_stop
+        # Guards _running against the writer ending while a record is queued.
+        self._lock = threading.Lock()
+        self._running = True
+        self._closing = False
         self.written = 0
         self.failed = 0
         self._thread = threading.Thread(target=self._run, name="records-writer", daemon=True)
@@ -131,63 +199,130 @@ class RecordStore:
             raise RecordStoreError(f"cannot open record store {self.path}: {self._open_error}")
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._running
 
-    async def write(self, record: dict[str, Any]) -> None:
-        """Queue `record` and return once it is committed."""
+    async def write(self, record: dict[str, Any], on_stored: Callable[[], None] | None = None) -> None:
+        """Queue `record` and return once it is committed; `on_stored()` runs on this loop when it is."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put((_row(record), loop, future))
+        if not self._put((self._prepare(record), loop, future, on_stored)):
+            raise RecordStoreError("the record writer is not running")
         await future
 
-    def write_nowait(self, record: dict[str, Any]) -> None:
-        """Queue `record` without waiting (nobody is left to acknowledge)."""
-        self._queue.put((_row(record), None, None))
+    def write_nowait(self, record: dict[str, Any], on_stored: Callable[[], None] | None = None) -> None:
+        """Queue `record` without waiting (nobody is left to acknowledge); a failure is only counted."""
+        loop = asyncio.get_running_loop() if on_stored is not None else None
+        self._put((self._prepare(record), loop, None, on_stored))
 
     def close(self) -> None:
         """Commit everything queued so far, then stop the writer."""
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
+        self._closing = True
+        with self._lock:
+            if self._running:
+                self._queue.put(_STOP)
+        self._thread.join()
 
+    # --- the caller's side --------------------------------------------------
+    def _prepare(self, record: dict[str, Any]) -> tuple:
+        row, changed = _row(record)
+        if changed:
+            # Store what can be stored, marked as an error that names what was lost.
+            for index in changed:
+                record[_KINDS[index][0]] = row[index]
+            note = f"unstorable values in {', '.join(_KINDS[index][0] for index in changed)}"
+            if record.get("status") == OK:
+                record["status"] = UPSTREAM_INVALID
+            record["error"] = f"{record['error']}; {note}" if record.get("error") else note
+            log.warning("record %s: %s", record.get("request_id"), note)
+            self._count_failure("unstorable_value")
+            row = _row(record)[0]
+        return tuple(row)
+
+    def _put(self, item: tuple) -> bool:
+        with self._lock:
+            if self._running:
+                self._queue.put(item)
+                return True
+        self.failed += 1
+        self._count_failure("writer_stopped")
+        log.error("record %s not written: the record writer is not running", item[0][0])
+        return False
+
+    def _count_failure(self, reason: str) -> None:
+        if self._on_failure is not None:
+            self._on_failure(reason)
+
+    # --- the writer thread ----------------------------------------------------
     def _run(self) -> None:
         try:
             conn = _open(self.path)
-        except (sqlite3.Error, OSError) as err:
+        except Exception as err:
             self._open_error = err
+            self._running = False
             self._opened.set()
             return
         self._opened.set()
-        stopping = False
-        while not stopping:
-            batch = [self._queue.get()]
-            while True:
+        batch: list = []
+        try:
+            stopping = False
+            while not stopping:
+                batch = [self._queue.get()]
+                while True:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if _STOP in batch:
+                    stopping = True
+                    batch = [item for item in batch if item is not _STOP]
                 try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if _STOP in batch:
-                stopping = True
-                batch = [item for item in batch if item is not _STOP]
-            if batch:
-                self._commit(conn, batch)
-        conn.close()
+                    self._commit(conn, batch)
+                except Exception:  # a bug here must not end the writer
+                    log.exception("record writer: batch of %d failed", len(batch))
+                    self._wake(batch, [RecordStoreError("record writer error")] * len(batch))
+                batch = []
+        finally:
+            self._stopped(batch)
+            conn.close()
+
+    def _stopped(self, batch: list) -> None:
+        """The writer is ending: fail what it holds and what is queued, and say so."""
+        with self._lock:
+            self._running = False
+        while True:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        batch = [item for item in batch if item is not _STOP]
+        for _ in batch:
+            self._count_failure("writer_stopped")
+        self.failed += len(batch)
+        self._wake(batch, [RecordStoreError("the record writer stopped")] * len(batch))
+        if not self._closing:
+            log.critical("the record writer stopped; %d queued records were not written", len(batch))
+            if self._on_stop is not None:
+                self._on_stop()
 
     def _commit(self, conn: sqlite3.Connection, batch: list) -> None:
-        rows = [row for row, _, _ in batch]
+        rows = [item[0] for item in batch]
         try:
             with conn:  # one transaction for the whole batch
                 conn.executemany(_INSERT, rows)
             errors: list[BaseException | None] = [None] * len(batch)
-        except sqlite3.Error:
+        except Exception:
             # One bad row must not sink the others: retry them one by one.
             errors = [self._insert_one(conn, row) for row in rows]
-        self.failed += sum(error is not None for error in errors)
-        self.written += len(batch) - sum(error is not None for error in errors)
+        failed = sum(error is not None for error in errors)
+        self.failed += failed
+        self.written += len(batch) - failed
+        self._wake(batch, errors)
+
+    def _wake(self, batch: list, errors: list[BaseException | None]) -> None:
         waiting: dict[asyncio.AbstractEventLoop, list] = {}
-        for (_, loop, future), error in zip(batch, errors):
-            if future is not None:
-                waiting.setdefault(loop, []).append((future, error))
+        for (_, loop, future, on_stored), error in zip(batch, errors):
+            if loop is not None:
+                waiting.setdefault(loop, []).append((future, error, on_stored))
         for loop, done in waiting.items():
             try:
                 loop.call_soon_threadsafe(_resolve_all, done)
@@ -198,14 +333,12 @@ class RecordStore:
         try:
             with conn:
                 conn.execute(_INSERT, row)
-        except sqlite3.Error as err:
-            log.error("could not write record %s to %s: %s", row[0], self.path, err)
-            return RecordStoreError(str(err))
+        except Exception as err:
+            reason = "database" if isinstance(err, sqlite3.Error) else "unexpected"
+            log.error("could not write record %s to %s: %s: %s", row[0], self.path, type(err).__name__, err)
+            self._count_failure(reason)
+            return RecordStoreError(f"{type(err).__name__}: {err}")
         return None
-
-
-def _row(record: dict[str, Any]) -> tuple:
-    return tuple(record.get(column) for column in RECORD_COLUMNS)
 
 
 def export_records(records: list[dict[str, Any]], fmt: str, out: IO[bytes]) -> None:

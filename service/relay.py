@@ -7,7 +7,15 @@ failure still becomes a proper HTTP error (503, 504, the arm's own 4xx).
 After that, a failure becomes an SSE error event that ends the stream.
 
 A task watches for the client going away and cancels the relay; cancelling
-closes the upstream connection, which makes vLLM abort the request.
+closes the upstream connection, which makes vLLM abort the request. A relay
+cancelled by the gateway stopping answers a 503, or an SSE error event once
+the stream has started.
+
+Whatever the arm sends, the request ends in one record and the client gets
+an answer: every value the gateway takes from an event is checked
+(service/measure.py), and one it cannot take ends the request as
+`upstream_invalid`. The client hears a request is done only once its record
+is stored; if it cannot be, it gets an error instead.
 
 A relay gets what all relays share (`RelayContext`) from its caller and
 knows nothing of the application around it."""
@@ -15,7 +23,9 @@ knows nothing of the application around it."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -24,18 +34,28 @@ from typing import Any
 import aiohttp
 from starlette.responses import Response
 
-from core.contracts import (CLIENT_DISCONNECT, GATEWAY_SHUTDOWN, OK, UPSTREAM_DIED, UPSTREAM_ERROR, UPSTREAM_TIMEOUT,
-                            UPSTREAM_UNAVAILABLE)
+from core.contracts import (CLIENT_DISCONNECT, GATEWAY_SHUTDOWN, OK, UPSTREAM_DIED, UPSTREAM_ERROR, UPSTREAM_INVALID,
+                            UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE)
 from service.assemble import Assembly
 from service.errors import ERROR_SOURCE_HEADER, error_body
-from service.measure import Measurement
+from service.measure import Measurement, UpstreamInvalid, shown
 from service.metrics import GatewayMetrics
-from service.records import RecordStore, RecordStoreError
+from service.records import RecordStore, RecordStoreError, storable_text
 from service.upstreams import Replica, Upstream
+
+log = logging.getLogger(__name__)
 
 UPSTREAM_PATH = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 DONE = b"[DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"
+# Bounds on what an arm can make the gateway hold. vLLM's largest event is a
+# chat stream's first, with the prompt's token ids: well under 1 MiB.
+MAX_EVENT_BYTES = 4 * 2 ** 20
+MAX_ERROR_BODY_BYTES = 64 * 2 ** 10
+MAX_ERROR_MESSAGE = 1000
+# How long a relay cut by shutdown may take to tell its client.
+SHUTDOWN_ANSWER_S = 1.0
+RECORD_STORE_ERROR = "record_store_error"  # the error type when a record cannot be stored
 # Fields the gateway asks the arm for on its own behalf, cut out of each event
 # again unless the client asked for them. Done on the bytes, which is ten
 # times cheaper than re-serializing every chunk, and exact: inside a JSON
@@ -63,20 +83,51 @@ class RelayContext:
     store: RecordStore
     metrics: GatewayMetrics
     read_timeout_s: float  # only for the messages: the client session applies it
+    expose_internals: bool = False  # clients see `detail` (upstream URLs) too
 
 
 class UpstreamFailure(Exception):
-    def __init__(self, status: str, http_status: int, message: str, client_told: bool = False):
+    """`message` goes to the client; `detail` (what may name upstream URLs) to the record only."""
+
+    def __init__(self, status: str, http_status: int, message: str, client_told: bool = False,
+                 detail: str | None = None):
         super().__init__(message)
         self.status = status
         self.http_status = http_status
         self.message = message
+        self.detail = detail
         # The arm's own error event already went to the client.
         self.client_told = client_told
 
+    @property
+    def recorded(self) -> str:
+        return f"{self.message}: {self.detail}" if self.detail else self.message
+
 
 def sse_data(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    # ASCII JSON: no text can make this fail to encode.
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def not_json(constant: str) -> None:
+    """json's parse_constant: NaN and Infinity are not JSON, so no client should get them."""
+    raise ValueError(f"{constant} is not JSON")
+
+
+def arm_message(value: Any) -> str:
+    """An arm's error message as the gateway passes it on: text, storable, bounded."""
+    return storable_text(value if type(value) is str else str(value))[:MAX_ERROR_MESSAGE]
+
+
+async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body, or its first `limit` bytes."""
+    body = bytearray()
+    while len(body) < limit:
+        piece = await content.read(limit - len(body))
+        if not piece:
+            break
+        body += piece
+    return bytes(body)
 
 
 def split_events(buffer: bytearray) -> list[bytes]:
@@ -127,9 +178,18 @@ class Relay(Response):
             await self._relay(send)
         except asyncio.CancelledError:
             self._finish_cancelled()
-            if not self.client_gone:
-                raise  # the server is stopping: let the cancellation run its course
             task.uncancel()
+            if not self.client_gone:  # the server is stopping
+                watcher.cancel()
+                try:
+                    await asyncio.wait_for(self._answer_shutdown(send), SHUTDOWN_ANSWER_S)
+                except asyncio.TimeoutError:
+                    pass  # a client that does not read: uvicorn closes the connection
+        except Exception as err:  # a bug, or an arm's answer nothing above foresaw: still one record, one answer
+            log.exception("relaying request %s failed", self.measurement.info.request_id)
+            if not self.recorded:
+                await self._fail(send, UpstreamFailure(UPSTREAM_INVALID, 502, f"the gateway could not relay arm "
+                                                       f"{self.upstream.name!r}: {type(err).__name__}"))
         finally:
             watcher.cancel()
             self.upstream.in_flight -= 1
@@ -192,7 +252,9 @@ class Relay(Response):
             for attempt in (1, 2):
                 replica.outstanding += 1
                 try:
-                    response = await context.client.post(replica.url + url_path, data=body, headers=headers)
+                    # Not redirected: the gateway measures the replica it was given.
+                    response = await context.client.post(replica.url + url_path, data=body, headers=headers,
+                                                         allow_redirects=False)
                 except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
                         aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
                     replica.outstanding -= 1
@@ -210,18 +272,18 @@ class Relay(Response):
                 except aiohttp.ClientError as err:
                     replica.outstanding -= 1
                     self.measurement.upstream = replica.url
-                    raise UpstreamFailure(UPSTREAM_DIED, 502, f"arm {upstream.name!r} failed: "
-                                          f"{type(err).__name__}: {err}") from None
+                    raise UpstreamFailure(UPSTREAM_DIED, 502, f"arm {upstream.name!r} failed ({type(err).__name__})",
+                                          detail=f"{replica.url}: {err}") from None
                 except BaseException:
                     replica.outstanding -= 1
                     raise
                 self.measurement.upstream = replica.url
                 return replica, response
-        raise UpstreamFailure(UPSTREAM_UNAVAILABLE, 503, f"arm {upstream.name!r} is unreachable ({last_error})")
+        raise UpstreamFailure(UPSTREAM_UNAVAILABLE, 503, f"arm {upstream.name!r} is unreachable", detail=last_error)
 
     async def _pump(self, send, chunks) -> UpstreamFailure | None:
         """Relay the arm's events until [DONE]; returns the failure that ended it early, if any."""
-        measurement, assembly = self.measurement, self.assembly
+        measurement, assembly, arm = self.measurement, self.assembly, self.upstream.name
         chat = measurement.info.endpoint == "chat"
         forward = self._forwarder()
         buffer = bytearray()
@@ -236,58 +298,54 @@ class Relay(Response):
                         return await self._complete(send, outgoing)
                     try:
                         event = json.loads(data)
-                    except ValueError:
+                        if b"NaN" in data or b"Infinity" in data:  # rare: only then parse again, strictly
+                            json.loads(data, parse_constant=not_json)
+                    except (ValueError, RecursionError):
                         failure = UpstreamFailure(UPSTREAM_ERROR, 502,
                                                   f"arm sent an event that is not JSON: {data[:200]!r}")
                         break
-                    if not isinstance(event, dict):
-                        continue
-                    if "error" in event:  # vLLM's error event; nothing after it counts
-                        error = event["error"]
-                        message = error.get("message") if isinstance(error, dict) else str(error)
-                        failure = UpstreamFailure(UPSTREAM_ERROR, 502, f"arm reported an error mid-stream: "
-                                                  f"{message}", client_told=assembly is None)
-                        if assembly is None:
-                            outgoing.append(forward(data))
+                    try:
+                        if type(event) is not dict:
+                            raise UpstreamInvalid(f"an event is {shown(event)}, not an object")
+                        if "error" in event:  # vLLM's error event; nothing after it counts
+                            failure = self._arm_error(event["error"], data, outgoing, forward)
+                            break
+                        measurement.take(now, event, chat)
+                        if assembly is not None:
+                            assembly.add(event)
+                    except UpstreamInvalid as err:
+                        failure = UpstreamFailure(UPSTREAM_INVALID, 502, f"arm {arm!r} sent an invalid event: {err}")
                         break
-                    choices = event.get("choices")
-                    if choices:
-                        self._measure(now, choices[0], chat)
-                    if event.get("usage"):
-                        measurement.usage = event["usage"]
-                        metrics = event.get("metrics")
-                        if isinstance(metrics, dict):
-                            measurement.spec = metrics.get("speculative_decoding")
-                    if assembly is not None:
-                        assembly.add(event)
-                    elif choices or (self.client_wants_usage and event.get("usage")):
+                    except Exception as err:  # whatever else in an event cannot be taken is the arm's doing too
+                        log.exception("arm %r: an event the gateway cannot take: %r", arm, data[:200])
+                        failure = UpstreamFailure(UPSTREAM_INVALID, 502, f"arm {arm!r} sent an event the gateway "
+                                                  f"cannot take ({type(err).__name__})")
+                        break
+                    if assembly is None and (event.get("choices") or self.client_wants_usage and event.get("usage")):
                         outgoing.append(forward(data))
+                if failure is None and len(buffer) > MAX_EVENT_BYTES:
+                    failure = UpstreamFailure(UPSTREAM_INVALID, 502,
+                                              f"arm {arm!r} sent an event over {MAX_EVENT_BYTES} bytes")
                 if outgoing:
                     await self._send_stream(send, b"".join(outgoing))
                 if failure is not None:
                     return failure
         except asyncio.TimeoutError:
-            return UpstreamFailure(UPSTREAM_TIMEOUT, 504, f"arm {self.upstream.name!r} sent nothing for "
+            return UpstreamFailure(UPSTREAM_TIMEOUT, 504, f"arm {arm!r} sent nothing for "
                                    f"{self.context.read_timeout_s:g}s")
         except aiohttp.ClientError as err:
-            return UpstreamFailure(UPSTREAM_DIED, 502, f"arm {self.upstream.name!r} broke the stream: "
-                                   f"{type(err).__name__}: {err}")
-        return UpstreamFailure(UPSTREAM_DIED, 502, f"arm {self.upstream.name!r} ended the stream without [DONE]")
+            return UpstreamFailure(UPSTREAM_DIED, 502, f"arm {arm!r} broke the stream ({type(err).__name__})",
+                                   detail=str(err))
+        return UpstreamFailure(UPSTREAM_DIED, 502, f"arm {arm!r} ended the stream without [DONE]")
 
-    def _measure(self, now: float, choice: dict[str, Any], chat: bool) -> None:
-        if chat:
-            delta = choice.get("delta") or {}
-            text = delta.get("content")
-            carries = text or delta.get("reasoning") or delta.get("reasoning_content") or delta.get("tool_calls")
-        else:
-            text = carries = choice.get("text")
-        token_ids = choice.get("token_ids")
-        if token_ids:
-            self.measurement.on_output(now, token_ids, text)
-        elif token_ids is None and carries:
-            self.measurement.on_output(now, None, text)
-        if choice.get("finish_reason"):
-            self.measurement.finish_reason = choice["finish_reason"]
+    def _arm_error(self, error: Any, data: bytes, outgoing: list[bytes], forward) -> UpstreamFailure:
+        """The arm's own error event: passed on as it is if its message is clean text, else as the gateway's."""
+        message = error.get("message") if type(error) is dict else error
+        text = arm_message(message)
+        as_is = self.assembly is None and type(message) is str and text == message
+        if as_is:
+            outgoing.append(forward(data))
+        return UpstreamFailure(UPSTREAM_ERROR, 502, f"arm reported an error mid-stream: {text}", client_told=as_is)
 
     def _forwarder(self):
         """How an arm's event becomes the client's: without the injected fields, under the arm's name."""
@@ -301,65 +359,105 @@ class Relay(Response):
                 data = strip_injected(data)
             if renamed:
                 data = data.replace(*renamed, 1)
+            if b"\n" in data:  # an event sent as several data lines; in parsed JSON a newline is only whitespace
+                data = data.replace(b"\n", b"")
             return b"data: " + data + b"\n\n"
 
         return forward
 
     # --- endings -------------------------------------------------------------
     async def _complete(self, send, outgoing: list[bytes]) -> None:
-        record = self.measurement.record(OK, 200)
-        await self._commit(record)
         if self.stream:
-            await self._send_stream(send, b"".join(outgoing) + DONE_EVENT, last=True)
+            body = b"".join(outgoing) + DONE_EVENT
         else:
-            await self._send_whole(send, 200, json.dumps(self.assembly.response(), ensure_ascii=False).encode())
+            try:
+                body = json.dumps(self.assembly.response(), ensure_ascii=False).encode()
+            except (ValueError, RecursionError) as err:  # a lone surrogate: UnicodeEncodeError, a ValueError
+                await self._fail(send, UpstreamFailure(UPSTREAM_INVALID, 502, f"arm {self.upstream.name!r} sent "
+                                                       f"values that make no JSON response: {type(err).__name__}"))
+                return
+        if not await self._commit(self.measurement.record(OK, 200)):
+            await self._unrecorded(send)
+        elif self.stream:
+            await self._send_stream(send, body, last=True)
+        else:
+            await self._send_whole(send, 200, body)
 
     async def _fail(self, send, failure: UpstreamFailure) -> None:
         http_status = 200 if self.started else failure.http_status
-        record = self.measurement.record(failure.status, http_status, failure.message)
-        await self._commit(record)
+        # Stored or not, the client hears of a failure.
+        await self._commit(self.measurement.record(failure.status, http_status, failure.recorded))
         if failure.client_told:
             await self._send_stream(send, DONE_EVENT, last=True)
-        elif self.started:
-            error = {"message": failure.message, "type": failure.status, "param": None, "code": failure.http_status}
-            await self._send_stream(send, sse_data({"error": error}) + DONE_EVENT, last=True)
         else:
-            await self._send_whole(send, failure.http_status,
-                                   error_body(failure.http_status, failure.message, failure.status), from_upstream=True)
+            told = failure.recorded if self.context.expose_internals else failure.message
+            await self._send_error(send, failure.http_status, told, failure.status, from_upstream=True)
 
     async def _pass_upstream_error(self, send, response: aiohttp.ClientResponse) -> None:
         """The arm refused the request (e.g. a prompt too long): pass its answer on."""
-        body = await response.read()
+        status = response.status
+        if not 400 <= status <= 599:
+            await self._fail(send, UpstreamFailure(UPSTREAM_INVALID, 502, f"arm {self.upstream.name!r} answered "
+                                                   f"HTTP {status}, not 200 with an event stream"))
+            return
         try:
-            parsed = json.loads(body)
-            message = str(parsed["error"]["message"])
-        except (ValueError, KeyError, TypeError):
-            message = body[:500].decode(errors="replace") or f"HTTP {response.status}"
-            body = error_body(response.status, message, UPSTREAM_ERROR)
-        record = self.measurement.record(UPSTREAM_ERROR, response.status, message)
-        await self._commit(record)
-        await self._send_whole(send, response.status, body, from_upstream=True)
+            body = await read_bounded(response.content, MAX_ERROR_BODY_BYTES)
+        except (asyncio.TimeoutError, aiohttp.ClientError) as err:
+            body = f"HTTP {status}, then {type(err).__name__} while reading the body".encode()
+        try:
+            message = json.loads(body)["error"]["message"]
+            passed_on = type(message) is str and arm_message(message) == message
+        except (ValueError, KeyError, TypeError, RecursionError):
+            message, passed_on = body[:500].decode(errors="replace") or f"HTTP {status}", False
+        message = arm_message(message)
+        if not passed_on:
+            body = error_body(status, message, UPSTREAM_ERROR)
+        await self._commit(self.measurement.record(UPSTREAM_ERROR, status, message))
+        await self._send_whole(send, status, body, from_upstream=True)
 
     def _finish_cancelled(self) -> None:
         """Record a request cut short by the client leaving or the gateway stopping."""
         if self.recorded:  # cut short while its record was being committed: that record stands
             return
-        status = CLIENT_DISCONNECT if self.client_gone else GATEWAY_SHUTDOWN
-        record = self.measurement.record(status, 200 if self.started else None,
-                                         "client disconnected" if self.client_gone else "gateway stopped")
-        self.context.store.write_nowait(record)
-        self.context.metrics.observe(record, self.measurement.info.labels, self.measurement.gaps)
+        if self.client_gone:
+            record = self.measurement.record(CLIENT_DISCONNECT, 200 if self.started else None, "client disconnected")
+        else:
+            record = self.measurement.record(GATEWAY_SHUTDOWN, 200 if self.started else 503, "gateway stopped")
+        self.context.store.write_nowait(record, self._on_stored(record))
 
-    async def _commit(self, record: dict[str, Any]) -> None:
-        """Store the record, and wait for it, before the client hears the request is done."""
+    async def _answer_shutdown(self, send) -> None:
+        """Tell the client that the gateway stopped before its request was done."""
+        if not self.finished:
+            await self._send_error(send, 503, "the gateway stopped before this request was done; retry it",
+                                   GATEWAY_SHUTDOWN)
+
+    async def _unrecorded(self, send) -> None:
+        """The record could not be stored: the client must not hear the request is done."""
+        await self._send_error(send, 503, "the gateway could not record this request", RECORD_STORE_ERROR)
+
+    async def _commit(self, record: dict[str, Any]) -> bool:
+        """Store the record, and wait for it, before the client hears the request is done; False if it cannot be."""
         self.recorded = True
         try:
-            await self.context.store.write(record)
+            await self.context.store.write(record, self._on_stored(record))
         except RecordStoreError:
-            self.context.metrics.record_write_failures.inc()
-        self.context.metrics.observe(record, self.measurement.info.labels, self.measurement.gaps)
+            return False  # the store has counted and logged it
+        return True
+
+    def _on_stored(self, record: dict[str, Any]):
+        """Counts the record once it is committed, even if this relay is cancelled meanwhile."""
+        return functools.partial(self.context.metrics.observe, record, self.measurement.info.labels,
+                                 self.measurement.gaps)
 
     # --- to the client -----------------------------------------------------------
+    async def _send_error(self, send, status: int, message: str, error_type: str, from_upstream: bool = False) -> None:
+        """An OpenAI-format error: the response itself, or an SSE error event once the stream has started."""
+        if self.started:
+            error = {"message": message, "type": error_type, "param": None, "code": status}
+            await self._send_stream(send, sse_data({"error": error}) + DONE_EVENT, last=True)
+        else:
+            await self._send_whole(send, status, error_body(status, message, error_type), from_upstream=from_upstream)
+
     @staticmethod
     def _headers(content_type: bytes, upstream_error: bool = False) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", content_type)]

@@ -3,17 +3,23 @@ OpenAPI schema). Only the fields the gateway reads are declared; every other
 OpenAI or vLLM field passes through to the arm unchanged.
 
 The gateway measures one sequence per request, so `n` must be 1 and a
-completion takes a single prompt. The max_tokens bound is part of the schema
-(`request_models`), so clients and fuzzers see it."""
+completion takes a single prompt. The max_tokens bound and the caps on
+messages and prompts (count and length) are part of the schema
+(`request_models`), so clients and fuzzers see them; pydantic checks a list's
+length before its items, so an over-long one costs nothing to refuse."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
 
+from core.config import GatewayConfig
 from core.contracts import TAG_HEADERS
 from service.tags import TAG_VALUE
+
+
+DEFAULTS = GatewayConfig()
 
 
 def _integral_float_to_int(value: Any) -> Any:
@@ -41,11 +47,16 @@ class GenerationRequest(BaseModel):
 
     model: str = Field(min_length=1, description="the arm's name (see GET /v1/models)")
     max_tokens: PositiveInt | None = None
-    stream: bool = False
+    stream: bool | None = Field(default=False, description="null means false")
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0)
     n: json_int(ge=1, le=1) | None = Field(default=None, description="one sequence per request")
     return_token_ids: bool | None = None
+
+    @field_validator("stream")
+    @classmethod
+    def _null_is_false(cls, stream: bool | None) -> bool:
+        return bool(stream)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -57,11 +68,18 @@ class CompletionRequest(GenerationRequest):
         description="one prompt: text or token ids (a list of one is accepted too)")
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content (text, image, ...); only its text is bounded."""
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -72,17 +90,30 @@ class ChatCompletionRequest(GenerationRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-def request_models(max_tokens_limit: int, arms: list[str]) -> tuple[type[CompletionRequest],
-                                                                   type[ChatCompletionRequest]]:
-    """The request models with this gateway's max_tokens bound (absent: the bound is applied) and its arms as
-    examples of `model` (any other name is a 404, as from an OpenAI server)."""
+def request_models(max_tokens_limit: int, arms: list[str], *, max_messages: int = DEFAULTS.max_messages,
+                   max_prompt_chars: int = DEFAULTS.max_prompt_chars,
+                   max_prompt_tokens: int = DEFAULTS.max_prompt_tokens) -> tuple[type[CompletionRequest],
+                                                                                 type[ChatCompletionRequest]]:
+    """The request models with this gateway's bounds: max_tokens (absent: the bound is applied), messages per
+    request (and content parts per message), characters per prompt, message text or text part, token ids per
+    prompt. Its arms are examples of `model` (any other name is a 404, as from an OpenAI server)."""
     def bounded() -> Any:
         return (json_int(ge=1, le=max_tokens_limit) | None,
                 Field(default=None, description=f"at most {max_tokens_limit}; absent: {max_tokens_limit}"))
 
+    text = Annotated[str, Field(max_length=max_prompt_chars)]
+    token_ids = Annotated[list[JsonInt], Field(max_length=max_prompt_tokens)]
+    prompt = (text | token_ids | Annotated[list[text], Field(max_length=1)] | Annotated[
+        list[token_ids], Field(max_length=1)], Field(description="one prompt: text or token ids (a list of one is "
+                                                              "accepted too)"))
+    part = create_model("ContentPart", __base__=ContentPart, text=(text | None, None))
+    message = create_model("ChatMessage", __base__=ChatMessage, content=(
+        text | Annotated[list[part], Field(max_length=max_messages)] | None, None))
+    messages = (list[message], Field(min_length=1, max_length=max_messages))
     model = (str, Field(min_length=1, examples=arms, description="the arm's name (see GET /v1/models)"))
-    completion = create_model("CompletionRequest", __base__=CompletionRequest, model=model, max_tokens=bounded())
-    chat = create_model("ChatCompletionRequest", __base__=ChatCompletionRequest, model=model,
+    completion = create_model("CompletionRequest", __base__=CompletionRequest, model=model, max_tokens=bounded(),
+                              prompt=prompt)
+    chat = create_model("ChatCompletionRequest", __base__=ChatCompletionRequest, model=model, messages=messages,
                         max_tokens=bounded(), max_completion_tokens=bounded())
     return completion, chat
 
@@ -110,11 +141,11 @@ def _error(description: str) -> dict:
 GENERATION_RESPONSES: dict[int | str, dict] = {
     200: {"description": "the arm's answer; with `stream: true` an SSE stream of chunks ending in `data: [DONE]`",
           "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}}},
-    400: _error("malformed JSON, a bad tag header, or a rejection by the arm"),
+    400: _error("malformed JSON (NaN and Infinity are not JSON), a bad tag header, or a rejection by the arm"),
     401: _error("missing or wrong bearer token (when auth is on)"),
     404: _error("unknown arm"),
-    413: _error("request body too large"),
-    422: _error("a missing or invalid field (including max_tokens over the limit)"),
+    413: _error("request body too large, or with too many JSON values"),
+    422: _error("a missing or invalid field (including max_tokens, messages or a prompt over the limit)"),
     502: _error("the arm failed or broke the connection"),
     503: _error("no replica of the arm is reachable"),
     504: _error("the arm did not answer in time"),

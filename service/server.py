@@ -1,11 +1,12 @@
 """The gateway process: `python -m service.server --settings FILE`.
 
-One process, one event loop (uvloop, httptools): the overhead benchmark
-measures exactly this."""
+One process, one event loop (uvloop, httptools with service.edge's bounds):
+the overhead benchmark measures exactly this."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -18,12 +19,18 @@ def run(settings: GatewaySettings) -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.edge import ConnectionLimits, EdgeProtocol
 
     # The record writer thread waits for the GIL while the event loop is busy;
     # a request's last bytes wait for that writer. 0.5 ms instead of Python's
     # 5 ms bounds each such wait.
     sys.setswitchinterval(0.0005)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+    app = create_app(settings)
+    # httptools itself bounds neither header size nor receive time: EdgeProtocol does (docs/gateway.md, "Limits").
+    limits = ConnectionLimits(settings.max_header_bytes, settings.max_headers, settings.header_timeout_s,
+                              settings.body_timeout_s)
+    protocol = functools.partial(EdgeProtocol, limits=limits, on_reject=app.state.gateway.count_rejection)
+    uvicorn.run(app, host=settings.host, port=settings.port, loop="uvloop", http=protocol,
                 access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s, log_level="info")
 
 

@@ -41,13 +41,24 @@ class GatewaySettings(GatewayConfig):
 
     def auth_token(self) -> str | None:
         """The bearer token clients must send, or None when auth is off."""
-        if not self.auth_token_env:
-            return None
-        token = os.environ.get(self.auth_token_env)
-        if not token:
-            raise ValueError(f"auth_token_env names {self.auth_token_env!r}, but that variable is unset or empty")
-        return token
+        return _token(self.auth_token_env, "auth_token_env")
 
+    def metrics_token(self) -> str | None:
+        """The bearer token /metrics needs: its own, else the API's; None when it is open."""
+        if self.metrics_open:
+            return None
+        if self.metrics_token_env:
+            return _token(self.metrics_token_env, "metrics_token_env")
+        return self.auth_token()
+
+
+def _token(variable: str | None, setting: str) -> str | None:
+    if not variable:
+        return None
+    token = os.environ.get(variable)
+    if not token:
+        raise ValueError(f"{setting} names {variable!r}, but that variable is unset or empty")
+    return token
 
 def default_records_path(config: ExperimentConfig) -> Path:
     if config.gateway.records_path:

@@ -5,6 +5,7 @@ and alert rules, and keeps its data in the run directory."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,19 +24,30 @@ def rule_files() -> list[Path]:
     return sorted(p for p in RULES_DIR.glob("*.yml") if not p.name.endswith("_test.yml"))
 
 
-def scrape_config(gateway_url: str, upstreams: dict[str, list[str]], interval_s: int = 5) -> dict:
+def scrape_config(gateway_url: str, upstreams: dict[str, list[str]], interval_s: int = 5,
+                  token_file: Path | None = None) -> dict:
+    """`token_file` holds the bearer token the gateway's /metrics asks for, if any."""
     def target(url: str) -> str:
         return urlparse(url).netloc
 
     arm_targets = [{"targets": [target(u)], "labels": {"arm": name}} for name, urls in upstreams.items() for u in urls]
+    gateway_job = {"job_name": "specdrift-gateway", "static_configs": [{"targets": [target(gateway_url)]}]}
+    if token_file is not None:
+        gateway_job["authorization"] = {"type": "Bearer", "credentials_file": str(token_file)}
     return {
         "global": {"scrape_interval": f"{interval_s}s", "evaluation_interval": f"{interval_s}s"},
         "rule_files": [str(p) for p in rule_files()],
-        "scrape_configs": [
-            {"job_name": "specdrift-gateway", "static_configs": [{"targets": [target(gateway_url)]}]},
-            {"job_name": "vllm-arms", "static_configs": arm_targets},
-        ],
+        "scrape_configs": [gateway_job, {"job_name": "vllm-arms", "static_configs": arm_targets}],
     }
+
+
+def metrics_token(config: ExperimentConfig) -> str | None:
+    """The token the gateway's /metrics asks for under this config (docs/gateway.md, "Exposure")."""
+    gateway = config.gateway
+    if gateway.metrics_open:
+        return None
+    variable = gateway.metrics_token_env or gateway.auth_token_env
+    return os.environ.get(variable) if variable else None
 
 
 def start_prometheus(config: ExperimentConfig, gateway_url: str, upstreams: dict[str, list[str]], folder: Path,
@@ -46,8 +58,13 @@ def start_prometheus(config: ExperimentConfig, gateway_url: str, upstreams: dict
         log.info("prometheus is not installed; metrics go to the gateway's /metrics and the records only")
         return None
     folder.mkdir(parents=True, exist_ok=True)
+    token, token_file = metrics_token(config), None
+    if token:
+        token_file = folder / "gateway-token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(token)
     config_path = folder / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(scrape_config(gateway_url, upstreams)))
+    config_path.write_text(yaml.safe_dump(scrape_config(gateway_url, upstreams, token_file=token_file)))
     port = free_port("127.0.0.1", config.ports.prometheus)
     cmd = [binary, f"--config.file={config_path}", f"--storage.tsdb.path={folder / 'data'}",
            f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=30d"]

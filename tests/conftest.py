@@ -64,5 +64,19 @@ def real_arms(cpu_config, target_dir, tmp_path_factory):
         stack.stop_all()
 
 
+@pytest.fixture(scope="module")
+def stack():
+    """The processes a test module starts, stopped (by PID, whole groups) when it ends."""
+    stack = ProcessStack()
+    yield stack
+    stack.stop_all()
+
+
+@pytest.fixture(scope="module")
+def logs(request, tmp_path_factory) -> Path:
+    """A test module's folder for the logs of what it starts."""
+    return tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_") + "-logs")
+
+
 def pytest_report_header(config):
     return f"specdrift cache: {os.environ.get('SPECDRIFT_CACHE', '~/.cache/specdrift')}"

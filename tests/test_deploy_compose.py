@@ -37,7 +37,7 @@ STACKS = {
 ARMS = ("baseline", "generic", "finetuned", "ngram")
 PUBLISHING = {"gateway", "grafana", "locust-master"}
 # Left empty in .env.example on purpose: the user must choose them.
-SECRETS = {"GF_ADMIN_PASSWORD": "a-test-password"}
+SECRETS = {"GF_ADMIN_PASSWORD": "a-test-password", "GATEWAY_TOKEN": "a-test-token"}
 
 
 # --- a small model of Compose: .env, interpolation, override tags, merging ---------
@@ -277,6 +277,27 @@ def test_grafana_password_has_no_default(example_env):
     assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["GF_ADMIN_PASSWORD"]
 
 
+def test_gateway_token_has_no_default_and_guards_gateway_metrics_and_locust(example_env):
+    from core.config import load_config
+
+    assert read_env_file(DEPLOY / ".env.example")["GATEWAY_TOKEN"] == ""
+    env = {k: v for k, v in example_env.items() if k != "GATEWAY_TOKEN"}
+    with pytest.raises(InterpolationError, match="GATEWAY_TOKEN"):
+        compose_model([BASE], env)
+    project, services = stack("gpu", example_env)
+    token_env = load_config(DEPLOY / "experiment.compose.yaml").gateway.auth_token_env
+    for name in ("gateway", "locust-master", "locust-worker"):
+        assert services[name]["environment"][token_env] == SECRETS["GATEWAY_TOKEN"]
+    master = services["locust-master"]["command"]
+    assert flag(master, "auth-token-env") == token_env
+    assert "/deploy/locust_auth.py" in flag(master, "locustfile").split(",")
+    assert project["secrets"]["gateway_token"] == {"environment": "GATEWAY_TOKEN"}
+    assert services["prometheus"]["secrets"] == ["gateway_token"]
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    gateway_job = next(job for job in scrape if job["job_name"] == "specdrift-gateway")
+    assert gateway_job["authorization"]["credentials_file"] == "/run/secrets/gateway_token"
+
+
 @pytest.mark.parametrize("name", STACKS)
 def test_only_gateway_grafana_and_locust_publish_ports_on_loopback(name, example_env):
     _, services = stack(name, example_env)
@@ -458,7 +479,7 @@ def test_workload_and_locust_commands_parse(example_env):
     assert "container_name" not in services["locust-worker"], "workers must be scalable"
     # Locust itself, with the real locustfile's options, accepts both command lines.
     for argv in (master, worker):
-        argv = [a.replace("/app/", f"{REPO}/") for a in argv[1:]]
+        argv = [a.replace("/app/", f"{REPO}/").replace("/deploy/", f"{DEPLOY}/") for a in argv[1:]]
         script = ("import sys\n"
                   "from locust.argument_parser import get_locustfiles_locally, get_parser, parse_locustfile_option\n"
                   "from locust.util.load_locustfile import load_locustfile\n"
@@ -476,5 +497,5 @@ def test_locustfile_path_in_the_image_is_the_repository_one(example_env):
     assert "WORKDIR /app" in dockerfile and "COPY loadgen loadgen" in dockerfile
     _, services = stack("gpu", example_env)
     for name in ("locust-master", "locust-worker"):
-        path = flag(services[name]["command"], "locustfile")
+        path = flag(services[name]["command"], "locustfile").split(",")[0]
         assert (REPO / path.removeprefix("/app/")).is_file()

@@ -131,3 +131,17 @@ def test_gateway_reaches_the_arms_by_their_service_names():
     assert config.gateway.records_path.startswith(mount["records"] + "/")
     assert gateway["spec"]["replicas"] == 1, "one SQLite writer"
     assert services["gateway"]["spec"]["ports"][0]["port"] == config.ports.gateway
+
+
+def test_gateway_token_comes_from_a_secret_that_prometheus_sends_too():
+    from core.config import load_config
+
+    config = load_config(DEPLOY / "experiment.compose.yaml")
+    env = {e["name"]: e for e in container(find("Deployment", "gateway"))["env"]}
+    secret = env[config.gateway.auth_token_env]["valueFrom"]["secretKeyRef"]
+    prometheus = find("Deployment", "prometheus")
+    volume = next(v for v in prometheus["spec"]["template"]["spec"]["volumes"] if "secret" in v)
+    assert volume["secret"]["secretName"] == secret["name"]
+    mount = next(m for m in container(prometheus)["volumeMounts"] if m["name"] == volume["name"])
+    (job,) = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.k8s.yml").read_text())["scrape_configs"]
+    assert job["authorization"]["credentials_file"] == f"{mount['mountPath']}/{secret['key']}"

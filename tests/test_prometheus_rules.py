@@ -43,10 +43,16 @@ def test_rule_unit_tests_pass():
 
 def with_local_rules(config_path: Path, tmp_path: Path) -> Path:
     """The config with its rule_files pointing at the repository's rules, so
-    that promtool checks them as the server would load them."""
+    that promtool checks them as the server would load them, and the gateway
+    token's file (a secret in the deployments) at a local stand-in."""
     config = yaml.safe_load(config_path.read_text())
     assert config["rule_files"] == ["/etc/prometheus/rules/*.yml"]
     config["rule_files"] = [str(PROMETHEUS / "rules" / "*.yml")]
+    token = tmp_path / "gateway-token"
+    token.write_text("a-test-token")
+    for job in config["scrape_configs"]:
+        if "authorization" in job:
+            job["authorization"]["credentials_file"] = str(token)
     path = tmp_path / config_path.name
     path.write_text(yaml.safe_dump(config))
     return path
@@ -122,3 +128,30 @@ def test_rules_read_only_metrics_the_gateway_exports():
             assert name in exported, f"{rule.get('record') or rule['alert']} reads {name}, which the gateway lacks"
         for name in re.findall(r"\b([a-z_]+:[a-z_]+:[a-z0-9_]+)\b", rule["expr"]):
             assert name in recorded, f"{rule.get('record') or rule['alert']} reads {name}, which no rule records"
+
+
+def test_a_local_run_s_prometheus_sends_the_gateway_s_metrics_token(tmp_path, monkeypatch):
+    from core.config import parse_config
+    from specdrift.prometheus import metrics_token, scrape_config
+
+    def config(**gateway):
+        return parse_config({"name": "t", "target": {"name": "tiny"}, "arms": [{"name": "baseline"}],
+                             "gateway": gateway}, tmp_path / "x.yaml")
+
+    monkeypatch.setenv("API_TOKEN", "api-secret")
+    monkeypatch.setenv("METRICS_TOKEN", "metrics-secret")
+    assert metrics_token(config()) is None
+    assert metrics_token(config(auth_token_env="API_TOKEN")) == "api-secret"
+    assert metrics_token(config(auth_token_env="API_TOKEN", metrics_token_env="METRICS_TOKEN")) == "metrics-secret"
+    assert metrics_token(config(auth_token_env="API_TOKEN", metrics_open=True)) is None
+
+    token_file = tmp_path / "gateway-token"
+    token_file.write_text("metrics-secret")
+    local = scrape_config("http://127.0.0.1:8100", {"baseline": ["http://127.0.0.1:8101"]}, token_file=token_file)
+    (gateway_job,) = [j for j in local["scrape_configs"] if j["job_name"] == "specdrift-gateway"]
+    assert gateway_job["authorization"] == {"type": "Bearer", "credentials_file": str(token_file)}
+    assert all("authorization" not in j for j in local["scrape_configs"] if j is not gateway_job)
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(local))
+    result = promtool("check", "config", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
