@@ -339,13 +339,19 @@ class Relay(Response):
         return UpstreamFailure(UPSTREAM_DIED, 502, f"arm {arm!r} ended the stream without [DONE]")
 
     def _arm_error(self, error: Any, data: bytes, outgoing: list[bytes], forward) -> UpstreamFailure:
-        """The arm's own error event: passed on as it is if its message is clean text, else as the gateway's."""
+        """The arm's own error event: passed on as it is if its message is clean text, else as the gateway's.
+
+        An arm that refuses the request itself (a 4xx code, before any output: vLLM checks a prompt's token ids
+        only once it has begun to stream) keeps its code, as it would have without the gateway's streaming."""
         message = error.get("message") if type(error) is dict else error
         text = arm_message(message)
         as_is = self.assembly is None and type(message) is str and text == message
         if as_is:
             outgoing.append(forward(data))
-        return UpstreamFailure(UPSTREAM_ERROR, 502, f"arm reported an error mid-stream: {text}", client_told=as_is)
+        code = error.get("code") if type(error) is dict else None
+        refused = type(code) is int and 400 <= code <= 499 and self.measurement.first_token is None
+        return UpstreamFailure(UPSTREAM_ERROR, code if refused else 502, f"arm reported an error mid-stream: {text}",
+                               client_told=as_is)
 
     def _forwarder(self):
         """How an arm's event becomes the client's: without the injected fields, under the arm's name."""

@@ -107,6 +107,9 @@ SCRIPTS: dict[str, Callable[[bool], Script]] = {
     "surrogate_error_message": lambda chat: stream(chat, *good(chat)[:1], error_event("broke \ud800 here")),
     "error_message_object": lambda chat: stream(chat, error_event({"deep": ["\udfff", 2 ** 64]})),
     "error_not_object": lambda chat: stream(chat, {"error": 2 ** 64}),
+    # vLLM checks a prompt's token ids only once it streams: a 400 as its first event.
+    "refused_in_stream": lambda chat: stream(chat, {"error": {"message": "Token id 318588 is out of vocabulary",
+                                                              "type": "BadRequestError", "param": None, "code": 400}}),
     "finish_reason_object": lambda chat: stream(chat, chunk(chat, choice(chat, " t", [5], {"why": "stop"})),
                                                 usage(chat, 1)),
     "finish_reason_number": lambda chat: stream(chat, chunk(chat, choice(chat, " t", [5], 7)), usage(chat, 1)),

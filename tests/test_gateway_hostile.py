@@ -52,6 +52,7 @@ EXPECTED = {
     "usage_nan": ERROR,  # NaN is not JSON
     "surrogate_text": INVALID, "surrogate_text_no_ids": INVALID, "encoded_surrogate": INVALID,
     "surrogate_error_message": ERROR, "error_message_object": ERROR, "error_not_object": ERROR,
+    "refused_in_stream": ERROR,
     "finish_reason_object": INVALID, "finish_reason_number": INVALID, "finish_reason_surrogate": INVALID,
     "finish_reason_long": INVALID, "text_number": INVALID, "text_object": INVALID,
     "token_ids_strings": INVALID, "token_ids_negative": INVALID, "token_ids_2_64": INVALID,
@@ -195,6 +196,18 @@ def test_each_bad_value_ends_in_one_record_and_an_openai_answer(gateway, script,
     if expected == INVALID:
         assert response.status_code in (200, 502) and error_type == INVALID
     next_request_is_answered(gateway["url"], gateway["records"])
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_an_arm_refusing_the_request_in_its_stream_keeps_its_code(gateway, chat):
+    """Before any output, the arm's own 4xx reaches a non-streaming client as it would have without the
+    gateway's streaming; a mid-stream error after output stays a 502."""
+    for script, expected in (("refused_in_stream", 400), ("surrogate_error_message", 502)):
+        run = run_tag()
+        response = ask(gateway["url"], script, run, chat, False)
+        assert response.status_code == expected and response.headers["x-specdrift-error-source"] == "upstream"
+        record = one_record(gateway["records"], run)
+        assert (record["status"], record["http_status"]) == (ERROR, expected)
 
 
 def test_what_is_kept_of_an_invalid_request(gateway):
