@@ -268,11 +268,16 @@ def test_every_variable_is_documented_in_env_example():
     assert documented - used == set(), "variables in deploy/.env.example that no compose file reads"
 
 
-def test_grafana_password_has_no_default(example_env):
-    assert read_env_file(DEPLOY / ".env.example")["GF_ADMIN_PASSWORD"] == ""
-    env = {k: v for k, v in example_env.items() if k != "GF_ADMIN_PASSWORD"}
-    with pytest.raises(InterpolationError, match="GF_ADMIN_PASSWORD"):
+def assert_required_without_default(example_env: dict, variable: str) -> None:
+    """The example leaves `variable` empty, and the stack refuses to start without it."""
+    assert read_env_file(DEPLOY / ".env.example")[variable] == ""
+    env = {k: v for k, v in example_env.items() if k != variable}
+    with pytest.raises(InterpolationError, match=variable):
         compose_model([BASE], env)
+
+
+def test_grafana_password_has_no_default(example_env):
+    assert_required_without_default(example_env, "GF_ADMIN_PASSWORD")
     _, services = stack("gpu", example_env)
     assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["GF_ADMIN_PASSWORD"]
 
@@ -280,10 +285,7 @@ def test_grafana_password_has_no_default(example_env):
 def test_gateway_token_has_no_default_and_guards_gateway_metrics_and_locust(example_env):
     from core.config import load_config
 
-    assert read_env_file(DEPLOY / ".env.example")["GATEWAY_TOKEN"] == ""
-    env = {k: v for k, v in example_env.items() if k != "GATEWAY_TOKEN"}
-    with pytest.raises(InterpolationError, match="GATEWAY_TOKEN"):
-        compose_model([BASE], env)
+    assert_required_without_default(example_env, "GATEWAY_TOKEN")
     project, services = stack("gpu", example_env)
     token_env = load_config(DEPLOY / "experiment.compose.yaml").gateway.auth_token_env
     for name in ("gateway", "locust-master", "locust-worker"):
