@@ -209,6 +209,25 @@ class CostConfig(StrictModel):
     max_tokens: int = Field(default=32, ge=4)
 
 
+class ReplayConfig(StrictModel):
+    """The offline acceptance replay (drafters/replay.py, analysis/chain.py):
+    the target's greedy outputs for `per_cell` eval prompts per (task,
+    stratum) cell, each draft model teacher-forced over them, and vLLM's
+    chain rule replayed at every K in `k`. per_cell: 0 turns it off."""
+
+    per_cell: int = Field(default=100, ge=0)
+    k: list[int] = Field(default_factory=lambda: [1, 2, 3, 4])
+    # Tokens per teacher-forced drafter batch: bounds the replay's memory.
+    batch_tokens: int = Field(default=8192, ge=256)
+
+    @field_validator("k")
+    @classmethod
+    def _ks(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 or k > 16 for k in value):
+            raise ValueError("replay.k must list speculative lengths between 1 and 16")
+        return sorted(set(value))
+
+
 class LoadRegime(StrictModel):
     """A load pattern. sequential: one request at a time, every arm in rotating
     order; concurrency: N closed-loop users; poisson: open-loop arrivals at
@@ -256,6 +275,7 @@ class ExperimentConfig(StrictModel):
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
     regimes: list[LoadRegime] = Field(default_factory=lambda: [LoadRegime(kind="sequential")])
     cost: CostConfig = Field(default_factory=CostConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
     temperature: float = Field(default=0.0, ge=0)
 
     # Set by load_config: the file this came from, for resolving relative paths.

@@ -9,6 +9,7 @@ rename is one edit. docs/formats.md describes each for people.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sqlite3
@@ -67,6 +68,11 @@ RECORD_COLUMNS: dict[str, str] = {
     "spec_accepted_per_pos": "TEXT", "spec_json": "TEXT",
     "output_hash": "TEXT", "output_hash_kind": "TEXT", "output_text": "TEXT",
 }
+
+
+def token_ids_hash(token_ids: list[int]) -> str:
+    """A record's output_hash of kind `token_ids`: sha256 hex of the ids as compact JSON (`[1,2,3]`)."""
+    return hashlib.sha256(json.dumps(token_ids, separators=(",", ":")).encode()).hexdigest()
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
@@ -172,7 +178,7 @@ def read_workload(path: str | Path, split: str | None = None) -> list[dict]:
 
 
 def workload_sidecar(path: str | Path, kind: str) -> Path:
-    """workload.jsonl -> workload.<kind> (build.json, summary.md, lengths.png)."""
+    """workload.jsonl -> workload.<kind> (build.json, summary.md, lengths.png, replay.jsonl)."""
     path = Path(path)
     return path.with_name(path.name.removesuffix(".jsonl") + "." + kind)
 
@@ -196,6 +202,11 @@ class RunFiles:
         self.state = self.root / "state.json"
         self.workload = self.root / "workload.jsonl"
         self.workload_build = workload_sidecar(self.workload, "build.json")
+        self.replay_workload = workload_sidecar(self.workload, "replay.jsonl")  # the replay's prompts
+        self.replay = self.root / "replay"
+        self.replay_targets = self.replay / "targets.jsonl"
+        self.replay_matches = self.replay / "matches.jsonl"
+        self.replay_info = self.replay / "replay.json"
         self.records = self.root / "records.sqlite"
         self.cost = self.root / "cost.json"
         self.locust = self.root / "locust"

@@ -43,7 +43,7 @@ from drafters.responses import generate_responses
 log = logging.getLogger(__name__)
 
 
-def _target_files(config: ExperimentConfig) -> dict[str, str]:
+def target_files(config: ExperimentConfig) -> dict[str, str]:
     path = target_dir(config)
     return directory_hashes(path) if path.is_dir() else {"name": target_model_arg(config)}
 
@@ -65,7 +65,7 @@ def fingerprint(config: ExperimentConfig, name: str, workload_fingerprint: str) 
     drafter = config.drafter(name)
     parent = fingerprint(config, drafter.init, workload_fingerprint) if drafter.init != "target" else None
     return inputs_hash({
-        "target": {"files": _target_files(config), "dtype": config.target.dtype},
+        "target": {"files": target_files(config), "dtype": config.target.dtype},
         "drafter": drafter.model_dump(mode="json"),
         "recipe": recipe_for(drafter).model_dump(mode="json"),
         "workload": workload_fingerprint,
@@ -112,9 +112,9 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict], workload_fing
     tasks = drafter_tasks(drafter, rows)
     prompts = select_prompts(rows, tasks, recipe, tokenizer)
     base = _base(config, name, recipe)
-    target_files = _target_files(config)
+    target_hashes = target_files(config)
     expected_hash = inputs_hash({
-        "target": {"files": target_files, "dtype": config.target.dtype},
+        "target": {"files": target_hashes, "dtype": config.target.dtype},
         "base": base,
         "recipe": recipe.model_dump(mode="json"),
         "tasks": tasks,
@@ -131,7 +131,7 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict], workload_fing
     # Target responses: the distillation data.
     gen_started = time.monotonic()
     cache = config.cache_path / "drafters" / config.target.name / "responses" / (
-        f"{expected_hash_of(target_files, config.target.dtype)}-top{recipe.top_k}.jsonl")
+        f"{expected_hash_of(target_hashes, config.target.dtype)}-top{recipe.top_k}.jsonl")
     responses = generate_responses([p.request for p in prompts], cache, Path(target_model_arg(config)),
                                    config.target.dtype, config.target.max_model_len, recipe.top_k, vllm_env(config),
                                    log_dir / f"responses-{name}.log",
@@ -191,7 +191,7 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict], workload_fing
         "fingerprint": quick,
         "base": base,
         "target": {"name": config.target.name, "path": target_model_arg(config), "dtype": config.target.dtype,
-                   "files": target_files},
+                   "files": target_hashes},
         "recipe": recipe.model_dump(mode="json"),
         "shape": drafter_shape(staging),
         "training_data": {

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from core.contracts import token_ids_hash
 from service.records import INT64_MAX, storable_text
 from service.tags import Tags
 
@@ -63,7 +64,7 @@ def count(value: Any) -> int | None:
 
 def output_hash(token_ids: list[int] | None, text: str) -> tuple[str, str]:
     if token_ids is not None:
-        return hashlib.sha256(json.dumps(token_ids, separators=(",", ":")).encode()).hexdigest(), "token_ids"
+        return token_ids_hash(token_ids), "token_ids"
     # surrogatepass: a record is never lost to its hash (checked text has no lone surrogates).
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(), "text"
 

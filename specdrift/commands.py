@@ -27,7 +27,7 @@ from service.records import EXPORT_FORMATS, export_records
 from service.server import run as run_gateway
 from service.settings import default_records_path, settings_from_config
 from specdrift.prepare import prepare_drafters
-from specdrift.runner import RunError, run_experiment
+from specdrift.runner import RunError, replay_experiment, run_experiment
 from workload import builder
 from workload.summary import summary_markdown
 
@@ -68,6 +68,12 @@ def register(subparsers) -> None:
     r.add_argument("--out", help="run directory (default: runs/<name>-<UTC time>)")
     r.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     r.add_argument("--arms", help="comma-separated arm names (default: all)")
+
+    p = add_command(subparsers, "replay", "the acceptance replay alone: the target's outputs for the replay set, "
+                    "each drafter's matches, a report of tau per arm, task, stratum and K", replay_command)
+    p.add_argument("--drafter", help="replay only the arms of this drafter (and the n-gram arms)")
+    p.add_argument("--out", help="run directory (default: runs/<name>-<UTC time>-replay); an existing run of "
+                                 "the same config gets its replay redone and its report rewritten")
 
     actions = add_group(subparsers, "workload", "build or inspect a length-stratified workload file")
     b = add_command(actions, "build", "datasets in the config -> workload.jsonl (+ summary, histogram)",
@@ -148,6 +154,16 @@ def run_command(args) -> int:
         run_experiment(config, Path(args.out) if args.out else None, args.resume, names)
     except (RunError, StartupError) as err:
         print(f"specdrift run: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def replay_command(args) -> int:
+    config = load_config(args.config)
+    try:
+        replay_experiment(config, Path(args.out) if args.out else None, args.drafter)
+    except (RunError, ModelError, FileNotFoundError) as err:
+        print(f"specdrift replay: {err}", file=sys.stderr)
         return 1
     return 0
 

@@ -3,7 +3,8 @@ directory holding everything the analysis needs.
 
 Steps: prepare the target model, build the workload (once: the drafters take
 their train split from it), build the drafters that are missing or stale,
-start every arm (all stay up, so that requests can be paired in time), start
+write the acceptance replay's inputs (the target's outputs for the replay set
+and each draft model's teacher-forced matches, drafters/replay.py), start every arm (all stay up, so that requests can be paired in time), start
 the gateway (and Prometheus where it is installed), replay the eval prompts
 under each load regime with Locust, time each draft model alone against the
 baseline for the cost ratio c (specdrift/cost.py, cost.json), then write the
@@ -24,6 +25,7 @@ Run directory (`runs/<run id>/`):
 | `environment.json` | versions, CPU, model and drafter file hashes |
 | `state.json` | regimes done, arms that died; what `--resume` reads |
 | `workload.jsonl` (+ `.build.json`, `.summary.md`, `.lengths.png`) | the prompts, with split and stratum; the build report |
+| `workload.replay.jsonl`, `replay/` | the replay's prompts; the target's outputs, each drafter's matches, what was replayed |
 | `records.sqlite` | one row per request (the gateway's records) |
 | `cost.json` | the measured draft/target cost ratio c per draft-model arm |
 | `locust/<regime>_*.csv` | Locust's own statistics per regime |
@@ -57,6 +59,7 @@ from core.environment import describe
 from core.models import directory_hashes, prepare_target
 from core.paths import drafter_dir, target_dir
 from core.processes import Child, ProcessStack, log_tail, start_child
+from drafters.replay import replay_inputs
 from loadgen.shapes import locust_shape_options
 from service.launch import start_gateway
 from specdrift.cost import measure_costs
@@ -151,6 +154,16 @@ def drafters_used(config: ExperimentConfig, arm_names: list[str]) -> list[str]:
         if spec and spec.drafter:
             names.append(spec.drafter)
     return names
+
+
+def replay_enabled(config: ExperimentConfig, progress=print) -> bool:
+    """The replay reproduces greedy decoding only; it is off at replay.per_cell 0."""
+    if config.replay.per_cell == 0:
+        return False
+    if config.temperature > 0:
+        progress(f"acceptance replay skipped: it replays greedy decoding, and temperature is {config.temperature}")
+        return False
+    return True
 
 
 # --- progress ---------------------------------------------------------------
@@ -266,30 +279,72 @@ def note_dead_arms(arm_children: dict[str, Child], state: RunState, run: RunFile
 
 # --- the whole run ------------------------------------------------------------
 
+def prepare_inputs(config: ExperimentConfig, run: RunFiles, progress=print) -> list[dict]:
+    """The target model, the run's workload (built once) and the drafters; returns the workload rows."""
+    progress("== target model")
+    prepare_target(config, progress)
+    progress("== workload")
+    if not run.workload.exists():
+        save_built(build(config), run.workload)
+    rows = read_workload(run.workload)
+    progress(f"workload: {len(rows)} rows, {sum(r['split'] == EVAL for r in rows)} eval prompts, "
+             f"{len(read_workload(run.replay_workload)) if run.replay_workload.exists() else 0} to replay")
+    progress("== drafters")
+    prepare_drafters(config, run.logs, rows, progress)
+    return rows
+
+
+def replay_experiment(config: ExperimentConfig, out: Path | None = None, drafter: str | None = None,
+                      progress=print) -> Path:
+    """The acceptance replay alone (`specdrift replay`): a run directory with
+    the workload, the replay files and a report of them, and no served
+    requests. `out` may be an existing run of the same config: its replay is
+    redone and its report rewritten."""
+    if config.replay.per_cell == 0:
+        raise RunError("replay.per_cell is 0 in this config: the replay is off")
+    if not replay_enabled(config, progress):
+        raise RunError("nothing to replay")
+    if drafter is not None:
+        config.drafter(drafter)  # an unknown name fails here, before any work
+    started = time.monotonic()
+    existing = out is not None and RunFiles(out).state.exists()
+    run, state = open_run_dir(config, out or Path("runs") / f"{new_run_id(config)}-replay", existing)
+    progress(f"replay {state.run_id} in {run.root}")
+    prepare_inputs(config, run, progress)
+    arms = [a.name for a in config.arms if a.speculative and not (a.optional and missing_inputs(config, a))]
+    if drafter is not None:
+        arms = [n for n in arms if config.arm(n).speculative.drafter in (None, drafter)]
+    if not run.environment.exists():
+        write_environment(config, run, drafters_used(config, arms))
+    progress("== acceptance replay")
+    replay_inputs(config, run, arms, run.logs, progress)
+    progress("== report")
+    try:
+        write_report(run.root)
+    except RunDirError as err:
+        raise RunError(f"no report: {err}") from None
+    progress(f"replay done in {format_eta(time.monotonic() - started)}: {run.root / 'report.md'}")
+    return run.root
+
+
 def run_experiment(config: ExperimentConfig, out: Path | None = None, resume: bool = False,
                    arm_names: list[str] | None = None, progress=print) -> Path:
     started = time.monotonic()
     run, state = open_run_dir(config, out, resume)
     progress(f"run {state.run_id} in {run.root}; every server's log goes to {run.logs}")
 
-    progress("== target model")
-    prepare_target(config, progress)
-
-    progress("== workload")
-    if not run.workload.exists():
-        save_built(build(config), run.workload)
-    rows = read_workload(run.workload)
+    rows = prepare_inputs(config, run, progress)
     eval_rows = [r for r in rows if r["split"] == EVAL]
-    progress(f"workload: {len(rows)} rows, {len(eval_rows)} eval prompts")
-
-    progress("== drafters")
-    prepare_drafters(config, run.logs, rows, progress)
     chosen = arm_names or [a.name for a in config.arms]
     local = [n for n in chosen if config.arm(n).local]
     usable = [n for n in chosen if not (config.arm(n).optional and missing_inputs(config, config.arm(n)))]
     for name in sorted(set(chosen) - set(usable)):
         progress(f"arm {name} skipped: {'; '.join(missing_inputs(config, config.arm(name)))}")
     write_environment(config, run, drafters_used(config, [n for n in usable if n in local]))
+
+    if replay_enabled(config, progress):
+        progress("== acceptance replay")
+        replay_inputs(config, run, usable, run.logs, progress)
 
     with ProcessStack() as stack:
         progress("== arms")

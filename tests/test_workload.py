@@ -251,3 +251,38 @@ def test_fingerprint_follows_the_settings_and_the_data_files_only(default_config
     assert fingerprint(small_config(config, seed=1)) != first
     own.write_text('{"q": "What is two plus three?", "id": 1}\n')
     assert fingerprint(config) != first
+
+
+def test_replay_set_holds_the_served_rows_and_more_eval_prompts_per_cell(default_config, tokenizer, built):
+    per_cell = default_config.replay.per_cell
+    served = {r["id"] for r in eval_rows(built.rows)}
+    replay = built.replay_rows
+    replay_ids = [r["id"] for r in replay]
+    assert len(replay_ids) == len(set(replay_ids))
+    assert served <= set(replay_ids)  # every served prompt is replayed, controls included
+    assert all(r["split"] == "eval" for r in replay)
+    cells = Counter((r["task"], r["stratum"]) for r in replay if "control" not in r)
+    everything = small_config(default_config)
+    everything.replay.per_cell = 10**6  # every eval prompt of every cell
+    available = Counter((r["task"], r["stratum"]) for r in build(everything, tokenizer).replay_rows
+                        if "control" not in r)
+    for cell, n in cells.items():
+        assert n == min(per_cell, available[cell]), cell  # full cells capped, small ones whole
+    assert max(cells.values()) == per_cell
+    assert built.report["replay"]["cells"] == {f"{t}|{s}": n for (t, s), n in sorted(
+        Counter((r["task"], r["stratum"]) for r in replay).items())}
+
+
+def test_replay_set_is_seeded_and_off_at_zero(default_config, data_dir, tokenizer, built):
+    again = build(small_config(default_config), tokenizer)
+    assert again.replay_rows == built.replay_rows
+    config = small_config(default_config)
+    config.replay.per_cell = 0
+    assert build(config, tokenizer).replay_rows == []
+
+
+def test_a_larger_replay_set_keeps_the_smaller_ones_prompts(default_config, tokenizer, built):
+    config = small_config(default_config)
+    config.replay.per_cell = default_config.replay.per_cell + 50
+    larger = {r["id"] for r in build(config, tokenizer).replay_rows}
+    assert {r["id"] for r in built.replay_rows} < larger  # cached target outputs stay useful

@@ -39,7 +39,10 @@ How a workload is built (`build`):
 
 Next to `workload.jsonl` the build writes `workload.build.json` (the counts
 above, the settings, and every kept prompt's lengths per task, for the
-length-divergence analysis), `workload.summary.md` and `workload.lengths.png`.
+length-divergence analysis), `workload.summary.md`, `workload.lengths.png` and
+`workload.replay.jsonl`: the acceptance replay's prompts (rows as above), per
+(task, stratum) cell the served eval rows and more eval prompts up to
+`replay.per_cell`, plus the controls.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ def fingerprint(config: ExperimentConfig) -> str:
                  } if target.is_dir() else str(target)
     code = {p.name: sha256_file(p) for p in sorted(Path(__file__).parent.glob("*.py"))}
     settings = config.workload.model_dump(mode="json", exclude={"data_dir"})
+    settings["replay_per_cell"] = config.replay.per_cell
     parts = {"settings": settings, "sources": sources, "tokenizer": tokenizer,
              "max_model_len": config.target.max_model_len, "code": code}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -168,6 +172,7 @@ class Prompt:
 class Built:
     rows: list[dict]
     report: dict = field(default_factory=dict)
+    replay_rows: list[dict] = field(default_factory=list)  # workload.replay.jsonl: the acceptance replay's prompts
 
 
 def build(config: ExperimentConfig, tokenizer=None) -> Built:
@@ -229,6 +234,8 @@ def build(config: ExperimentConfig, tokenizer=None) -> Built:
                                "ks_statistic": round(matched.ks_statistic, 4), "ks_pvalue": round(matched.ks_pvalue, 4)})
 
     random.Random(f"{wl.seed}:order").shuffle(eval_rows)
+    replay_rows = _replay_rows(cells, chosen, in_eval, eval_rows, config.replay.per_cell,
+                               random.Random(f"{wl.seed}:replay"))
     train_rows = [p.row() for p in prompts if p.split == TRAIN]
     report = {
         "settings": {
@@ -241,11 +248,31 @@ def build(config: ExperimentConfig, tokenizer=None) -> Built:
         "shortfall": [{"task": t, "stratum": s, "wanted": wl.n_per_cell, "got": wl.n_per_cell - n}
                       for (t, s), n in sorted(shortfall.items())],
         "controls": control_report,
+        "replay": {"per_cell": config.replay.per_cell,
+                   "cells": dict(sorted(Counter(f"{r['task']}|{r['stratum']}" for r in replay_rows).items()))},
         "lengths": {task: {"prompt_tokens": [p.prompt_tokens for p in ps],
                            "ref_tokens": [p.ref_tokens for p in ps if p.ref_tokens is not None]}
                     for task, ps in sorted(by_task.items())},
     }
-    return Built(eval_rows + train_rows, report)
+    return Built(eval_rows + train_rows, report, replay_rows)
+
+
+def _replay_rows(cells: dict[tuple, list[Prompt]], chosen: dict[tuple, list[Prompt]], in_eval: set[int],
+                 eval_rows: list[dict], per_cell: int, rng: random.Random) -> list[dict]:
+    """The replay set: per (task, stratum) cell its served prompts and more
+    eval prompts, up to per_cell (every one where the cell holds fewer); the
+    controls as served. Empty when per_cell is 0 (the replay is off)."""
+    if per_cell == 0:
+        return []
+    rows = []
+    for cell in sorted(cells):
+        served = chosen.get(cell, [])
+        rest = [p for p in cells[cell] if id(p) not in in_eval]
+        rng.shuffle(rest)  # a prefix of one shuffle: a larger per_cell keeps the smaller one's prompts
+        extra = rest[:max(0, per_cell - len(served))]
+        rows += [p.row() for p in served + sorted(extra, key=lambda p: p.item.source_id)]
+    rows += [r for r in eval_rows if "control" in r]
+    return rows
 
 
 def build_workload(config: ExperimentConfig, tokenizer=None) -> list[dict]:
@@ -272,4 +299,5 @@ def save_built(built: Built, path: str | Path) -> Path:
     workload_sidecar(path, "build.json").write_text(json.dumps(built.report, indent=1) + "\n")
     workload_sidecar(path, "summary.md").write_text(summary_markdown(built.rows, built.report))
     plot_lengths(built.report, workload_sidecar(path, "lengths.png"))
+    write_workload(built.replay_rows, workload_sidecar(path, "replay.jsonl"))
     return write_workload(built.rows, path)  # last: its presence means the build is complete
