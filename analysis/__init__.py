@@ -39,6 +39,14 @@ owns it). Columns read here:
   datasets' own length distributions, beside the measured eval set's. Without
   it, the workload's train rows (a seeded random half) stand in.
 
+`workload.replay.jsonl`, `replay/targets.jsonl`, `replay/matches.jsonl`,
+  `replay/replay.json` (optional; docs/formats.md has every field): the
+  acceptance replay's prompts, the target's extended greedy outputs, each
+  drafter's teacher-forced match vectors. analysis/replayed.py replays vLLM's
+  chain rule over them (analysis/chain.py) for the report's primary outcome,
+  and validates it against the sequential regime's records. Without them the
+  report says there was no replay.
+
 `state.json` (optional): `dead_arms = {arm: reason}`, arms the runner gave up on.
 
 `config.resolved.yaml`: the ExperimentConfig (core/config.py). Read:

@@ -117,6 +117,30 @@ def acceptance_per_position(results: Results, plt):
                  "(which requires every earlier position to be accepted), per task; black: all tasks.")
 
 
+def acceptance_context(results: Results, plt):
+    profiles = results.replay.profiles if results.replay else {}
+    if not profiles:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+    for ax, (kind, label) in zip(axes, (("position", "output position t"),
+                                        ("context", "context length (prompt tokens + t)"))):
+        for i, (arm, profile) in enumerate(sorted(profiles.items())):
+            binned = getattr(profile, kind)
+            centres = [math.sqrt(lo * hi) for lo, hi in zip(binned.edges, binned.edges[1:])]
+            rates = [math.nan if r is None else r for r in binned.rate]
+            ax.plot(centres[:len(rates)], rates, marker="o", ms=3, color=f"C{i}", label=arm)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"{label} (doubling bins)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("match rate m[t]")
+    axes[1].legend(fontsize=7)
+    return fig, ("Replay: the share of output tokens the drafter matches given the target's own prefix (the "
+                 "acceptance of a draft's first position when a step starts there), by output position and by "
+                 "context length, every replayed prompt pooled; one line per draft-model arm (n-gram arms have "
+                 "no match vector).")
+
+
 def _heatmap(ax, matrix, rows, columns, title):
     data = np.array([[math.nan if v is None else v for v in row] for row in matrix], dtype=float)
     image = ax.imshow(data, cmap="viridis", vmin=0, vmax=max(1e-9, np.nanmax(data)) if np.isfinite(data).any() else 1)
@@ -300,7 +324,8 @@ def draw_all(run: RunData, results: Results, directory: Path) -> dict[str, str]:
     """{file name: caption} of the figures drawn into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     plt = _pyplot()
-    drawers = {"speedup": speedup, "acceptance_per_position": acceptance_per_position,
+    drawers = {"acceptance_context": acceptance_context, "speedup": speedup,
+               "acceptance_per_position": acceptance_per_position,
                "divergence_tasks": divergence_tasks, "divergence_drafters": divergence_drafters,
                "answer": answer, "within_task": within_task, "load_curve": load_curve,
                "drift": lambda _, plt: drift(run, plt)}

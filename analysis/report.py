@@ -11,12 +11,14 @@ from analysis import text
 from analysis.cells import ALL, GAINS, HEADLINE, fit_key, fit_key_parts
 from analysis.document import Bullets, Document, Figure, Heading, Paragraph, Table
 from analysis.figures import draw_all
+from analysis.replayed import NO_REPLAY
 from analysis.results import compute_results
 from analysis.rundir import load_run
 from analysis.schema import Answer, Divergence, Results, Speedup
 from core.contracts import OK
 
 FIGURES = "figures"
+REPLAY_HEADING = "Acceptance (replay, primary outcome)"
 
 
 def _figure(figures: dict[str, str], name: str) -> list[Figure]:
@@ -110,7 +112,7 @@ def _acceptance_section(results: Results, figures: dict) -> list:
                      text.num(a.drafting_share), text.num(a.alpha), text.num(a.alpha_from_tau),
                      text.num(a.vllm_rate), " / ".join(text.num(r) for r in a.position_rate) or text.DASH,
                      " / ".join(text.num(r) for r in a.conditional) or text.DASH])
-    blocks = [Heading(2, "Acceptance"),
+    blocks = [Heading(2, "Acceptance (served)"),
               Paragraph("τ = 1 + accepted/drafts (vLLM's mean acceptance length: tokens per step that carried a "
                         "draft). Tokens per decode step counts every step, drafted or not (output tokens after the "
                         "first over decode steps); TPOT is the step time divided by it. Drafting share: steps that "
@@ -127,6 +129,146 @@ def _acceptance_section(results: Results, figures: dict) -> list:
                              "drafting share", "α (per-position)", "α from τ",
                              "vLLM rate", "per-position rate", "conditional"], rows,
                             f"Regime: {run.primary_regime}"))
+    return blocks
+
+
+def _small(row) -> str:
+    return " (small n)" if row.small_n else ""
+
+
+def _agreement(entry) -> str:
+    return text.DASH if not entry.n else f"{entry.count}/{entry.n} ({100 * entry.share:.0f}%) {text.ci(entry.ci, 2)}"
+
+
+def _percent(share: float | None) -> str:
+    return text.DASH if share is None else f"{100 * share:.1f}%"
+
+
+def _replay_acceptance(replay) -> list:
+    rows = [[r.task, r.stratum, r.arm, text.num(r.k), text.num(r.n), text.with_ci(r.tau, r.tau_ci) + _small(r),
+             text.num(r.tokens_per_step), text.num(r.drafting_share),
+             " / ".join(text.num(x) for x in r.position_rate) or text.DASH,
+             " / ".join(text.num(x) for x in r.conditional) or text.DASH,
+             _percent(r.oov_share), r.weights if r.stratum == ALL else ""]
+            for r in replay.rows()]
+    by_k = {}
+    for r in replay.rows(served=None):
+        if r.stratum == ALL:
+            by_k.setdefault((r.arm, r.task), {})[r.k] = r
+    ks = sorted({r.k for r in replay.acceptance})
+    k_rows = [[arm, task] + [text.with_ci(row.tau, row.tau_ci) + (" (served)" if row.served else "")
+                             if (row := found.get(k)) else text.DASH for k in ks]
+              for (arm, task), found in by_k.items()]
+    return [Table(["task", "stratum", "arm", "K", "prompts", "τ [95% CI]", "tokens/decode step", "drafting share",
+                   "per-position rate", "conditional", "out-of-vocabulary share", "pooled with"], rows,
+                  "Replayed acceptance at each arm's served K"),
+            Table(["arm", "task"] + [f"τ at K = {k}" for k in ks], k_rows,
+                  "Replayed τ at every K (pooled rows, all strata)")]
+
+
+def _replay_finetune(replay) -> list:
+    blocks = []
+    for entry in replay.finetune:
+        rows = [[r.task, r.stratum, text.num(r.k), text.num(r.n), text.num(r.excluded),
+                 text.with_ci(r.mean_y, r.ci) + _small(r), text.with_ci(r.ratio, r.ratio_ci), text.num(r.tau_ft),
+                 text.num(r.tau_gen)] for r in entry.rows if r.served or r.stratum == ALL]
+        blocks.append(Table(["task", "stratum", "K", "prompts", "excluded (no drafts)", "mean y [95% CI]",
+                             "τ ratio exp(mean y) [95% CI]", f"mean τ {entry.finetuned_arm}",
+                             f"mean τ {entry.generic_arm}"], rows,
+                            f"y = log(τ {entry.finetuned_arm} / τ {entry.generic_arm}) per prompt (replay): every "
+                            "stratum at the served K, and the pooled row of each task at every K"))
+    return blocks
+
+
+def _replay_validation(replay) -> list:
+    check = replay.validation
+    if check is None:
+        return [Paragraph("No sequentially served requests: the replay could not be validated in this run.")]
+    floor = check.baseline_self
+    rows = [[arm, text.num(v.k), text.num(v.n), _agreement(v.accepted_exact), _agreement(v.accepted_within_1),
+             _agreement(v.drafts_exact), text.num(v.identical_outputs), _agreement(v.identical_exact),
+             _agreement(v.identical_within_1), text.num(v.tau_served), text.num(v.tau_replayed),
+             text.with_ci(v.gap, v.gap_ci), v.verdict] for arm, v in check.arms.items()]
+    return [Paragraph(f"Replay against served vLLM, per prompt the {check.regime} regime answered (its first ok "
+                      f"request), at the served K. Verdict rule ({check.rule}). The gap is τ served − τ replayed "
+                      "over the same prompts, with a paired interval; a disagreement is shown as it is. Baseline "
+                      f"against itself: {text.share(floor)} of prompts gave identical outputs (the numerics' own "
+                      "spread; prompts whose served output differs from the replay's target can differ in "
+                      "acceptance too)."),
+            Table(["arm", "K", "prompts", "accepted exact", "within 1 token", "drafts exact",
+                   "identical outputs", "accepted exact (identical)", "within 1 (identical)", "τ served",
+                   "τ replayed", "gap [95% CI]", "verdict"], rows, "Validation: replay against served vLLM")]
+
+
+def _replay_cost(replay) -> list:
+    model = replay.cost_model
+    if model is None:
+        return [Paragraph("No sequential speculative arm with baseline pairs: no cost model.")]
+    v = model.v
+    rows = [[arm, a.method, text.num(a.gamma), text.num(a.tokens_per_step), text.num(a.speedup),
+             text.with_ci(a.r.value, a.r.ci), text.with_ci(a.c, a.c_ci), text.num(a.served_alone_c)]
+            for arm, a in model.arms.items()]
+    cells = [[c.task, c.stratum, c.arm, text.num(c.tokens_per_step), text.num(c.speedup),
+              text.with_ci(c.r.value, c.r.ci), text.num(c.c)] for c in model.cells]
+    blocks = [Paragraph(f"Step-cost ratio, served ({model.regime} regime): {model.definition}. {model.assumption} "
+                        f"v = {text.with_ci(v.value if v else None, v.ci if v else None)} "
+                        f"(from {', '.join(model.v_arms) or 'no n-gram arm'}). {model.served_alone.capitalize()}."),
+              Table(["arm", "method", "γ", "tokens/decode step", "TPOT speed-up", "r [95% CI]", "c [95% CI]",
+                     "c served alone (cost.json)"], rows, "Cost model r = γc + v per arm (all tasks)"),
+              Table(["task", "stratum", "arm", "tokens/decode step", "TPOT speed-up", "r [95% CI]", "c"], cells,
+                    "r per cell")]
+    if model.k_sweep:
+        blocks.append(Table(["drafter", "arms", "γ", "r", "c (fit)", "v (fit)"],
+                            [[d, ", ".join(f.arms), " / ".join(map(str, f.gammas)),
+                              " / ".join(text.num(x) for x in f.r), text.num(f.c), text.num(f.v)]
+                             for d, f in model.k_sweep.items()], "K sweep: least squares r = γc + v"))
+    return blocks
+
+
+def _replay_projection(replay) -> list:
+    projection = replay.projection
+    labels = []
+    for row in projection.rows:
+        for ratio in row.ratios:
+            key = "this CPU (measured r)" if ratio.label.startswith("this CPU") else ratio.label
+            if key not in labels:
+                labels.append(key)
+    rows = []
+    for row in projection.rows:
+        found = {("this CPU (measured r)" if x.label.startswith("this CPU") else x.label): x for x in row.ratios}
+        rows.append([row.task, row.stratum, row.arm, text.with_ci(row.tau, row.tau_ci),
+                     text.num(row.tokens_per_step)]
+                    + [f"{text.num(x.speedup, 2)}× (r {text.num(x.r, 2)}, break-even τ {text.num(x.break_even_tau, 2)})"
+                       if (x := found.get(label)) else text.DASH for label in labels])
+    return [Heading(3, "Projection (not a measurement)"),
+            Paragraph(projection.note + " The break-even τ is the τ at which the projected speed-up is 1 "
+                      "(tokens per decode step = r, with the replayed drafting share)."),
+            Table(["task", "stratum", "arm", "τ replayed [95% CI]", "tokens/decode step"] + labels, rows,
+                  "Projected speed-up S = tokens per decode step / r (projection)")]
+
+
+def _replay_section(results: Results, figures: dict) -> list:
+    replay = results.replay
+    blocks = [Heading(2, REPLAY_HEADING)]
+    if replay is None:
+        return blocks + [Paragraph(NO_REPLAY)]
+    info = replay.info
+    covered = ", ".join(f"{c['task']} {c['stratum']}: {c['prompts']}" for c in replay.coverage)
+    methods = replay.methods
+    blocks += [
+        Paragraph(f"Acceptance replayed offline from the target's greedy outputs ({info.get('prompts')} prompts, "
+                  f"drafters teacher-forced in {info.get('dtype') or 'an unrecorded dtype'}) through vLLM's chain "
+                  f"rule at K = {', '.join(map(str, info.get('k') or []))}: the primary outcome, timing-free. "
+                  f"Prompts replayed per cell: {covered}."),
+        Bullets([f"τ: {methods['tau']}.", f"Intervals: {methods['tau_interval']}.", f"Pooling: {methods['pooling']}.",
+                 f"Fine-tuned against generic: {methods['y']}."]),
+    ]
+    blocks += _figure(figures, "acceptance_context.png")
+    blocks += _replay_acceptance(replay)
+    blocks += _replay_finetune(replay)
+    blocks += [Heading(3, "Validation against served vLLM")] + _replay_validation(replay)
+    blocks += [Heading(3, "Cost model (served)")] + _replay_cost(replay)
+    blocks += _replay_projection(replay)
     return blocks
 
 
@@ -149,8 +291,9 @@ def _model_section(results: Results) -> list:
                         "drafts only on a match) the same model gives (fE + 1 − f)/(gc + 1), g = drafted tokens per "
                         "decode step; at f = 1 it is Leviathan's formula. 'From measured tokens' puts the measured "
                         "tokens per decode step in place of the model's. The model assumes that verifying γ+1 "
-                        "tokens costs one target step; on a CPU it costs more, which a c measured from the "
-                        "drafter alone does not include."),
+                        "tokens costs one target step; on a CPU it costs more. A c from cost.json (the drafter "
+                        "served alone) is biased in both directions, not a bound; the replay section's cost model "
+                        "measures r = γc + v instead."),
               Table(["arm", "c", "source", "how c was obtained", "draft step (s)", "target step (s)"], cost_rows,
                     "Cost ratio c per arm")]
     if rows:
@@ -244,6 +387,10 @@ def _answer_section(results: Results, figures: dict) -> list:
                         f"the divergence of the cell's lengths from the fine-tuning split. The headline uses "
                         f"{measure.upper()} on {kind} length, fixed before the data; the rest are shown as a "
                         "sensitivity check, not as extra chances to find an effect. Slope intervals resample cells.")]
+    if results.replay is not None and results.replay.finetune:
+        blocks.append(Paragraph(f"The primary answer is the replay's y = log(τ_ft/τ_gen) table in '{REPLAY_HEADING}', "
+                                "over every replayed prompt; the rows here come from the few served prompts and "
+                                "add the timed speed ratio."))
     if not results.answer:
         blocks.append(Paragraph("This run has no pair of arms with a fine-tuned drafter and the generic drafter it "
                                 "was fine-tuned from, so the question is not answered here."))
@@ -381,7 +528,8 @@ def _methods_section(results: Results) -> list:
 def build_document(results: Results, figures: dict[str, str]) -> Document:
     doc = Document(f"specdrift report: {results.run.name}")
     doc.add(Heading(2, "Summary"), Bullets(results.summary))
-    for section in (_run_section(results), _speedup_section(results, figures), _acceptance_section(results, figures),
+    for section in (_run_section(results), _replay_section(results, figures), _speedup_section(results, figures),
+                    _acceptance_section(results, figures),
                     _model_section(results), _lossless_section(results), _divergence_section(results, figures),
                     _answer_section(results, figures), _control_section(results), _regimes_section(results, figures),
                     _drift_section(results, figures), _environment_section(results), _methods_section(results)):

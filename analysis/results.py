@@ -13,19 +13,19 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from analysis import acceptance, divergence, stats
+from analysis import acceptance, divergence, replayed, stats
 from analysis.cells import ALL, GAINS, HEADLINE, find_cell, fit_key
 from analysis.pairing import acceptance_units, paired_requests, position_counts, prompt_logs, speed_units
-from analysis.rundir import RunData
+from analysis.rundir import RunData, finetune_pairs, scopes, select
 from analysis.schema import Results
 from analysis.summary import summarize
-from core.contracts import OK, TAG_MISSING, stratum_key
+from core.contracts import OK, TAG_MISSING
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the replay section
 SIGNIFICANT_DIGITS = 6
 
 
-# --- scopes: which prompts a cell covers ------------------------------------
+# --- labels: a prompt's task, stratum and control flag (scopes over them: analysis/rundir.py) ---
 
 def _label(frame: pd.DataFrame, run: RunData) -> pd.DataFrame:
     labels = run.prompts.set_index("prompt_id")
@@ -34,25 +34,6 @@ def _label(frame: pd.DataFrame, run: RunData) -> pd.DataFrame:
         stratum=frame["prompt_id"].map(labels["stratum"]).fillna(TAG_MISSING).astype(str),
         is_control=frame["prompt_id"].map(labels["is_control"]).fillna(False).astype(bool),
     )
-
-
-def _select(frame: pd.DataFrame, regime: str | None, task: str, stratum: str) -> pd.DataFrame:
-    mask = pd.Series(True, index=frame.index) if regime is None else frame["regime"] == regime
-    mask &= ~frame["is_control"] if task == ALL else frame["task"] == task
-    if stratum != ALL:
-        mask &= frame["stratum"] == stratum
-    return frame[mask]
-
-
-def _scopes(frame: pd.DataFrame) -> list[tuple[str, str]]:
-    """(all, all), then per task (tasks, then controls): (task, all) and each stratum."""
-    scopes = [(ALL, ALL)]
-    tasks = frame.drop_duplicates("task").sort_values(["is_control", "task"])
-    for task in tasks["task"]:
-        scopes.append((task, ALL))
-        strata = frame.loc[frame["task"] == task, "stratum"].unique()
-        scopes += [(task, s) for s in sorted(strata, key=stratum_key)]
-    return scopes
 
 
 # --- per-cell statistics ------------------------------------------------------
@@ -95,8 +76,8 @@ def _speedup(units: pd.DataFrame, arm_logs: pd.DataFrame, base_logs: pd.DataFram
     cells = sorted(set(zip(arm_logs["task"], arm_logs["stratum"])))
 
     def strata(metric):
-        return [(_select(base_logs, None, t, s)[f"log_{metric}"].dropna().to_numpy(),
-                 _select(arm_logs, None, t, s)[f"log_{metric}"].dropna().to_numpy()) for t, s in cells]
+        return [(select(base_logs, None, t, s)[f"log_{metric}"].dropna().to_numpy(),
+                 select(arm_logs, None, t, s)[f"log_{metric}"].dropna().to_numpy()) for t, s in cells]
 
     return {"paired": False, **{metric: stats.unpaired_ratio(strata(metric), stats.seed_for(metric, "unpaired", *key))
                                 for metric in ("tpot", "e2e")}}
@@ -117,30 +98,30 @@ def _cells(run: RunData, regimes: list[str], speed: dict, logs: dict, accept: di
     cells = []
     for regime in regimes:
         in_regime = records[records["regime"] == regime]
-        for task, stratum in _scopes(in_regime):
+        for task, stratum in scopes(in_regime):
             for arm in run.arms:
-                mine = _select(in_regime[in_regime["arm"] == arm.name], None, task, stratum)
+                mine = select(in_regime[in_regime["arm"] == arm.name], None, task, stratum)
                 if mine.empty:
                     continue
                 key = (arm.name, regime, task, stratum)
-                units = _select(speed[arm.name], regime, task, stratum)
+                units = select(speed[arm.name], regime, task, stratum)
                 base_logs = None if arm.name == run.baseline or run.baseline not in logs else \
-                    _select(logs[run.baseline], regime, task, stratum)
+                    select(logs[run.baseline], regime, task, stratum)
                 cell = {
                     "arm": arm.name, "regime": regime, "task": task, "stratum": stratum,
                     "prompts": int(mine["prompt_id"].nunique()), "requests": len(mine),
                     "latency": _latency(mine),
                     "speedup": {
                         "reference": "baseline, repeat vs first" if arm.name == run.baseline else run.baseline,
-                        **_speedup(units, _select(logs[arm.name], regime, task, stratum), base_logs, key),
+                        **_speedup(units, select(logs[arm.name], regime, task, stratum), base_logs, key),
                         "median_gap_s": float(units["gap_s"].median()) if len(units) else None,
                     },
                     "lossless": _share(units),
                 }
                 if baseline_units is not None and arm.name != run.baseline:
-                    cell["lossless"]["baseline_self"] = _share(_select(baseline_units, regime, task, stratum))
+                    cell["lossless"]["baseline_self"] = _share(select(baseline_units, regime, task, stratum))
                 if arm.name in accept:
-                    cell["acceptance"] = _acceptance(_select(accept[arm.name], regime, task, stratum),
+                    cell["acceptance"] = _acceptance(select(accept[arm.name], regime, task, stratum),
                                                      arm.num_speculative_tokens, stats.seed_for("tau", *key))
                 cells.append(cell)
     return cells
@@ -222,7 +203,7 @@ def prompt_lengths(run: RunData) -> pd.DataFrame:
     first_answer = run.ok[run.ok["arm"] == run.baseline].drop_duplicates("prompt_id").set_index("prompt_id")
     frame = run.prompts[["prompt_id", "task", "stratum", "is_control", "prompt_tokens"]].rename(
         columns={"prompt_tokens": "prompt"})
-    frame["output"] = frame["prompt_id"].map(first_answer["completion_tokens"])
+    frame["output"] = pd.to_numeric(frame["prompt_id"].map(first_answer["completion_tokens"]), errors="coerce")
     frame["total"] = frame["prompt"] + frame["output"]
     return frame
 
@@ -277,22 +258,10 @@ def _median(series: pd.Series):
 
 # --- the answer: fine-tuned against generic -----------------------------------
 
-def finetune_pairs(run: RunData) -> list[tuple[str, str, str]]:
-    """(fine-tuned arm, generic arm, fine-tuned drafter): a drafter arm whose
-    drafter was initialised from the drafter of another arm."""
-    by_drafter = {a.drafter: a.name for a in run.arms if a.drafter}
-    pairs = []
-    for arm in run.arms:
-        drafter = run.drafters.get(arm.drafter) if arm.drafter else None
-        if drafter and drafter.init in by_drafter:
-            pairs.append((arm.name, by_drafter[drafter.init], drafter.name))
-    return pairs
-
-
 def _gain_row(task, stratum, speed_units_, acc_ft, acc_gen, lengths, split_ft, split_gen, edges, key) -> dict:
-    units = _select(speed_units_, None, task, stratum)
+    units = select(speed_units_, None, task, stratum)
     speed = stats.geometric_mean(units["log_tpot"].dropna(), stats.seed_for("gain-tpot", *key))
-    ft, gen = _select(acc_ft, None, task, stratum), _select(acc_gen, None, task, stratum)
+    ft, gen = select(acc_ft, None, task, stratum), select(acc_gen, None, task, stratum)
     both = ft.merge(gen, on="prompt_id", suffixes=("_ft", "_gen"))
     tau_gain = {"n": len(both), "value": None, "ci": None}
     d_ft, a_ft = both["drafts_ft"].to_numpy(float), both["accepted_ft"].to_numpy(float)
@@ -304,7 +273,7 @@ def _gain_row(task, stratum, speed_units_, acc_ft, acc_gen, lengths, split_ft, s
                 lambda idx: a_ft[idx].sum(1) / d_ft[idx].sum(1) - a_gen[idx].sum(1) / d_gen[idx].sum(1),
                 len(both), stats.seed_for("gain-tau", *key))
         tau_gain["ci"] = list(ci) if ci else None
-    cell_lengths = _select(lengths, None, task, stratum)
+    cell_lengths = select(lengths, None, task, stratum)
     return {
         "task": task, "stratum": stratum, "is_control": bool(cell_lengths["is_control"].any()),
         "speed_ratio": speed,
@@ -356,9 +325,9 @@ def _answer(run: RunData, ok: pd.DataFrame, accept: dict, lengths: pd.DataFrame,
         speed = _label(speed_units(paired_requests(ok[ok["regime"] == primary], ft, gen)), run)
         acc_ft = accept[ft][accept[ft]["regime"] == primary]
         acc_gen = accept[gen][accept[gen]["regime"] == primary]
-        scopes = [s for s in _scopes(acc_ft) if s[0] != ALL]
+        answered = [s for s in scopes(acc_ft) if s[0] != ALL]
         entry["rows"] = [_gain_row(t, s, speed, acc_ft, acc_gen, lengths, split_ft, split_gen, edges, (*key, t, s))
-                         for t, s in scopes]
+                         for t, s in answered]
         cells = [r for r in entry["rows"] if r["stratum"] != ALL and not r["is_control"]]
         entry["fits"] = _fits(cells, key)
         entry["cells_in_fit"] = len(cells)
@@ -456,6 +425,12 @@ def _drift(run: RunData, regimes: list[str], t0: float) -> dict:
                 "spearman": stats.spearman(minutes, logs),
             }
     return drift
+
+
+def _baseline_self(cells: list[dict], baseline: str) -> dict | None:
+    """The baseline's output agreement with its own repeat, all tasks, in the replay's validation regime."""
+    cell = find_cell(cells, baseline, replayed.VALIDATION_REGIME)
+    return cell["lossless"] if cell else None
 
 
 # --- inputs, and assembling everything -----------------------------------------
@@ -560,7 +535,12 @@ def compute_results(run: RunData) -> dict:
         "regimes": _regime_curves(run, cells, regimes),
         "drift": _drift(run, regimes, t0),
         "environment": run.environment,
+        "replay": replayed.compute_replay(run, speed, accept, _baseline_self(cells, run.baseline)),
     }
     results = _rounded(results)
-    results["summary"] = summarize(Results.from_dict(results))
+    typed = Results.from_dict(results)
+    served = summarize(typed) if len(run.records) else [
+        "A replay-only run (`specdrift replay`): nothing was served, so there are no timed speed-ups, "
+        "no validation against served vLLM and no served acceptance."]
+    results["summary"] = replayed.summary_lines(typed) + served
     return results

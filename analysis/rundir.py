@@ -11,10 +11,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from analysis.cells import ALL
 from analysis.schema import ArmInfo
 from core.config import LoadRegime
 from core.contracts import (OK, RECORD_COLUMNS, RECORDS_TABLE, TAG_MISSING, RunFiles, WorkloadFileError,
-                            read_records, read_workload)
+                            read_records, read_workload, stratum_key)
 
 NUMERIC_COLUMNS = (
     "t_start", "t_first_token", "t_end", "ttft_s", "e2e_s", "tpot_s", "prompt_tokens", "completion_tokens",
@@ -26,6 +27,20 @@ TEXT_COLUMNS = ("arm", "task", "stratum", "prompt_id", "regime", "status", "requ
 
 class RunDirError(Exception):
     """A run directory the analysis cannot read; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class ReplayData:
+    """The replay of one run: the target's greedy output for every replayed
+    prompt, and each drafter's teacher-forced match vector over it."""
+
+    # One row per replayed prompt: prompt_id, task, stratum, is_control, prompt_tokens (len(prompt_ids)).
+    prompts: pd.DataFrame
+    targets: dict[str, dict]  # prompt id -> its targets.jsonl line
+    matches: dict[str, dict[str, tuple[str, str]]]  # drafter -> prompt id -> (match, in_vocab)
+    info: dict  # replay.json
+    k: list[int]  # the K list to replay (config replay.k, else replay.json's)
+    max_model_len: int | None
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,9 @@ class RunData:
     target_dtype: str | None
     temperature: float | None
     files: dict[str, bool]
+    replay: ReplayData | None = None  # None: no replay in this run
+    prompt_strata: list[int] = field(default_factory=lambda: [0, 64, 256, 1024])  # config workload.prompt_strata
+    output_strata: list[int] | None = None
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -73,6 +91,40 @@ class RunData:
         return [a for a in self.arms if a.is_speculative(self.baseline)]
 
 
+# --- scopes: which prompts a cell covers ------------------------------------
+
+def select(frame: pd.DataFrame, regime: str | None, task: str, stratum: str) -> pd.DataFrame:
+    """The rows of one scope of a per-prompt frame (task, stratum, is_control; regime unless None)."""
+    mask = pd.Series(True, index=frame.index) if regime is None else frame["regime"] == regime
+    mask &= ~frame["is_control"] if task == ALL else frame["task"] == task
+    if stratum != ALL:
+        mask &= frame["stratum"] == stratum
+    return frame[mask]
+
+
+def scopes(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """(all, all), then per task (tasks, then controls): (task, all) and each stratum."""
+    found = [(ALL, ALL)]
+    tasks = frame.drop_duplicates("task").sort_values(["is_control", "task"])
+    for task in tasks["task"]:
+        found.append((task, ALL))
+        strata = frame.loc[frame["task"] == task, "stratum"].unique()
+        found += [(task, s) for s in sorted(strata, key=stratum_key)]
+    return found
+
+
+def finetune_pairs(run: RunData) -> list[tuple[str, str, str]]:
+    """(fine-tuned arm, generic arm, fine-tuned drafter): a drafter arm whose
+    drafter was initialised from the drafter of another arm."""
+    by_drafter = {a.drafter: a.name for a in run.arms if a.drafter}
+    pairs = []
+    for arm in run.arms:
+        drafter = run.drafters.get(arm.drafter) if arm.drafter else None
+        if drafter and drafter.init in by_drafter:
+            pairs.append((arm.name, by_drafter[drafter.init], drafter.name))
+    return pairs
+
+
 def _read_json(path: Path, default):
     if not path.is_file():
         return default
@@ -82,14 +134,15 @@ def _read_json(path: Path, default):
         raise RunDirError(f"{path}: not valid JSON ({err})") from None
 
 
-def _read_records(path: Path) -> pd.DataFrame:
-    if not path.is_file():
+def _read_records(path: Path, replay_only: bool = False) -> pd.DataFrame:
+    """The records, sorted; none at all only in a replay-only run (`specdrift replay`)."""
+    if not path.is_file() and not replay_only:
         raise RunDirError(f"{path}: no records database (the run wrote no requests?)")
     try:
-        rows = read_records(path)
+        rows = read_records(path) if path.is_file() else []
     except sqlite3.Error as err:
         raise RunDirError(f"{path}: cannot read table {RECORDS_TABLE!r} ({err})") from None
-    if not rows:
+    if not rows and not replay_only:
         raise RunDirError(f"{path}: table {RECORDS_TABLE!r} is empty: the run recorded no request")
     frame = pd.DataFrame(rows, columns=list(RECORD_COLUMNS))
     for column in NUMERIC_COLUMNS:
@@ -180,7 +233,7 @@ def _arms(config: dict, records: pd.DataFrame) -> list[ArmInfo]:
     for raw in config.get("arms") or []:
         spec = raw.get("speculative") or {}
         arms.append(ArmInfo(raw["name"], spec.get("method"), spec.get("num_speculative_tokens"),
-                            spec.get("drafter")))
+                            spec.get("drafter"), spec.get("prompt_lookup_min"), spec.get("prompt_lookup_max")))
     known = {a.name for a in arms}
     for name in sorted(set(records["arm"]) - known):
         arms.append(ArmInfo(name, None, None, None))
@@ -206,18 +259,73 @@ def _drafters(files: RunFiles, config: dict) -> dict[str, Drafter]:
     return drafters
 
 
+def _jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise RunDirError(f"{path}:{number}: not JSON ({err.msg})") from None
+    return rows
+
+
+def _read_replay(files: RunFiles, config: dict, prompts: pd.DataFrame) -> ReplayData | None:
+    """The replay's files, or None when the run has no replay targets. A
+    prompt's task and stratum come from its targets line; whether it is a
+    control, from the replay workload (else the served workload)."""
+    if not files.replay_targets.is_file():
+        return None
+    targets = {}
+    for row in _jsonl(files.replay_targets):
+        missing = {"id", "task", "stratum", "prompt_ids", "output_ids", "served_tokens"} - set(row)
+        if missing:
+            raise RunDirError(f"{files.replay_targets}: a line lacks {', '.join(sorted(missing))}")
+        targets[str(row["id"])] = row
+    if not targets:
+        return None
+    matches: dict[str, dict[str, tuple[str, str]]] = {}
+    if files.replay_matches.is_file():
+        for row in _jsonl(files.replay_matches):
+            target = targets.get(str(row["id"]))
+            if target is None:
+                continue
+            if len(row["match"]) != len(target["output_ids"]):
+                raise RunDirError(f"{files.replay_matches}: {row['drafter']}/{row['id']}: match has "
+                                  f"{len(row['match'])} positions, the target output {len(target['output_ids'])}")
+            matches.setdefault(row["drafter"], {})[str(row["id"])] = (row["match"], row.get("in_vocab") or "")
+    controls = set(prompts.loc[prompts["is_control"], "prompt_id"])
+    if files.replay_workload.is_file():
+        try:
+            controls |= {str(r["id"]) for r in read_workload(files.replay_workload) if r.get("control")}
+        except WorkloadFileError as err:
+            raise RunDirError(str(err)) from None
+    table = pd.DataFrame([[pid, t["task"], str(t["stratum"]), pid in controls, len(t["prompt_ids"])]
+                          for pid, t in targets.items()],
+                         columns=["prompt_id", "task", "stratum", "is_control", "prompt_tokens"])
+    info = _read_json(files.replay_info, {})
+    k = (config.get("replay") or {}).get("k") or info.get("k") or [1, 2, 3, 4]
+    max_model_len = info.get("max_model_len") or (config.get("target") or {}).get("max_model_len")
+    return ReplayData(prompts=table.sort_values("prompt_id").reset_index(drop=True), targets=targets,
+                      matches=matches, info=info, k=sorted({int(x) for x in k}),
+                      max_model_len=int(max_model_len) if max_model_len else None)
+
+
 def load_run(run_dir: str | Path) -> RunData:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: not a directory")
     files = RunFiles(run_dir)
     config = yaml.safe_load(files.config.read_text()) if files.config.is_file() else {}
-    records = _read_records(files.records)
+    records = _read_records(files.records, replay_only=files.replay_targets.is_file())
     workload = _read_workload(files.workload)
     plans = _regime_plans(config.get("regimes") or [])
     regimes = list(plans) + sorted(set(records["regime"]) - set(plans))
     run_ids = sorted(set(records["run_id"].dropna().astype(str)) - {TAG_MISSING})
     dataset_lengths, dataset_source = _dataset_lengths(files, workload)
+    prompts = _prompts(records, workload)
+    strata = config.get("workload") or {}
     return RunData(
         path=run_dir,
         run_id=",".join(run_ids) or run_dir.name,
@@ -228,7 +336,7 @@ def load_run(run_dir: str | Path) -> RunData:
         regime_plans=plans,
         drafters=_drafters(files, config),
         records=records,
-        prompts=_prompts(records, workload),
+        prompts=prompts,
         cost=_read_json(files.cost, {}).get("arms") or {},
         dead_arms=_read_json(files.state, {}).get("dead_arms") or {},
         dataset_lengths=dataset_lengths,
@@ -237,5 +345,9 @@ def load_run(run_dir: str | Path) -> RunData:
         target_dtype=(config.get("target") or {}).get("dtype"),
         temperature=config.get("temperature"),
         files={path.name: path.exists() for path in (files.config, files.workload, files.workload_build,
-                                                     files.environment, files.state, files.cost, files.drafters)},
+                                                     files.environment, files.state, files.cost, files.drafters,
+                                                     files.replay_targets)},
+        replay=_read_replay(files, config, prompts),
+        prompt_strata=[int(e) for e in strata.get("prompt_strata") or [0, 64, 256, 1024]],
+        output_strata=[int(e) for e in strata["output_strata"]] if strata.get("output_strata") else None,
     )

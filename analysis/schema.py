@@ -77,6 +77,8 @@ class ArmInfo(Section):
     method: str | None  # None: no speculation
     num_speculative_tokens: int | None
     drafter: str | None
+    prompt_lookup_min: int | None = None  # n-gram arms, as configured (None: vLLM's default)
+    prompt_lookup_max: int | None = None
 
     def is_speculative(self, baseline: str) -> bool:
         """The one definition of a speculative arm: it speculates and is not the baseline."""
@@ -385,6 +387,215 @@ class Drift(Section):
     spearman: Spearman
 
 
+# --- the replay (analysis/replayed.py) -------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReplayArm(Section):
+    method: str
+    drafter: str | None
+    served_k: int
+    ks: list[int]  # replayed K values (config replay.k and the served K)
+    prompts: int  # replayed prompts of this arm
+
+
+@dataclass(frozen=True)
+class ReplayAcceptance(Section):
+    """Replayed acceptance of one arm at one K in one (task, stratum); 'all' rows post-stratified."""
+
+    arm: str
+    k: int
+    served: bool  # k is the arm's served K
+    task: str
+    stratum: str
+    n: int  # prompts
+    drafts: int
+    draft_tokens: int
+    accepted_tokens: int
+    tau: float | None
+    tau_ci: list[float] | None
+    interval: str  # which interval tau_ci is
+    small_n: bool
+    position_rate: list[float]
+    conditional: list[float | None]
+    tokens_per_step: float | None
+    drafting_share: float | None
+    oov_share: float | None  # draft-model arms: served output tokens outside the drafter's vocabulary
+    weights: str  # how prompts were weighted
+    natural_share_covered: float | None = None
+    alpha: float | None = None
+    vllm_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class YRow(Section):
+    """y = log(tau_ft / tau_gen) per prompt, in one (task, stratum) at one K."""
+
+    k: int
+    served: bool
+    task: str
+    stratum: str
+    n: int
+    excluded: int  # prompts where either arm drafted nothing
+    small_n: bool
+    mean_y: float | None
+    ci: list[float] | None
+    ratio: float | None  # exp(mean y)
+    ratio_ci: list[float] | None
+    tau_ft: float | None
+    tau_gen: float | None
+    weights: str
+
+
+@dataclass(frozen=True)
+class ReplayFinetune(Section):
+    finetuned_arm: str
+    generic_arm: str
+    drafter: str
+    rows: list[YRow]
+
+
+@dataclass(frozen=True)
+class Agreement(Section):
+    n: int
+    count: int
+    share: float | None
+    ci: list[float] | None
+
+
+@dataclass(frozen=True)
+class ValidationArm(Section):
+    """The replay against one arm's sequentially served requests, at the served K."""
+
+    k: int
+    n: int
+    not_replayed: int
+    accepted_exact: Agreement
+    accepted_within_1: Agreement
+    drafts_exact: Agreement
+    identical_outputs: int
+    identical_exact: Agreement
+    identical_within_1: Agreement
+    tau_served: float | None
+    tau_replayed: float | None
+    gap: float | None  # served - replayed
+    gap_ci: list[float] | None
+    interval: str
+    verdict: str  # agrees, disagrees, not validated
+
+
+@dataclass(frozen=True)
+class Validation(Section):
+    regime: str
+    dtype: str | None
+    rule: str
+    baseline_self: Share | None
+    arms: dict[str, ValidationArm]
+
+
+@dataclass(frozen=True)
+class CostArm(Section):
+    method: str
+    gamma: int
+    r: Estimate
+    tokens_per_step: float
+    speedup: float
+    c: float | None
+    c_ci: list[float] | None
+    c_n: int
+    served_alone_c: float | None  # cost.json's, labelled apart
+
+
+@dataclass(frozen=True)
+class CostCell(Section):
+    arm: str
+    task: str
+    stratum: str
+    tokens_per_step: float
+    speedup: float
+    r: Estimate
+    c: float | None
+
+
+@dataclass(frozen=True)
+class KSweep(Section):
+    arms: list[str]
+    gammas: list[int]
+    r: list[float]
+    c: float
+    v: float
+
+
+@dataclass(frozen=True)
+class CostModel(Section):
+    regime: str
+    definition: str
+    assumption: str
+    v: Estimate | None
+    v_arms: list[str]
+    arms: dict[str, CostArm]
+    cells: list[CostCell]
+    k_sweep: dict[str, KSweep]  # drafter -> fit
+    served_alone: str
+
+
+@dataclass(frozen=True)
+class ProjectedRatio(Section):
+    label: str
+    r: float
+    speedup: float | None
+    break_even_tau: float | None
+
+
+@dataclass(frozen=True)
+class ProjectionRow(Section):
+    arm: str
+    task: str
+    stratum: str
+    k: int
+    tau: float | None
+    tau_ci: list[float] | None
+    tokens_per_step: float | None
+    drafting_share: float | None
+    ratios: list[ProjectedRatio]
+
+
+@dataclass(frozen=True)
+class Projection(Section):
+    label: str  # always "projection"
+    note: str
+    rows: list[ProjectionRow]
+
+
+@dataclass(frozen=True)
+class Binned(Section):
+    edges: list[int]
+    n: list[int]
+    rate: list[float | None]
+
+
+@dataclass(frozen=True)
+class Profile(Section):
+    position: Binned  # by output position t
+    context: Binned  # by context length prompt_tokens + t
+
+
+@dataclass(frozen=True)
+class Replay(Section):
+    info: dict
+    methods: dict[str, str]
+    coverage: list[dict]
+    arms: dict[str, ReplayArm]
+    acceptance: list[ReplayAcceptance]
+    finetune: list[ReplayFinetune]
+    validation: Validation | None
+    cost_model: CostModel | None
+    projection: Projection
+    profiles: dict[str, Profile]
+
+    def rows(self, arm: str | None = None, served: bool | None = True) -> list[ReplayAcceptance]:
+        return [r for r in self.acceptance if (arm is None or r.arm == arm) and (served is None or r.served == served)]
+
+
 # --- the whole -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -402,6 +613,7 @@ class Results(Section):
     drift: dict[str, dict[str, Drift]]  # arm -> regime
     environment: dict
     summary: list[str] = field(default_factory=list)  # absent while the summary is being written
+    replay: Replay | None = None  # None: no replay in this run (and schema < 3)
 
     def __post_init__(self):
         index = {}

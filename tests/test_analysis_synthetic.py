@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from analysis import chain
 from core.config import parse_config
-from core.contracts import RECORD_COLUMNS
+from core.contracts import RECORD_COLUMNS, token_ids_hash
 
 RECORD_SCHEMA = [
     ("request_id", "TEXT"), ("run_id", "TEXT"), ("arm", "TEXT"), ("task", "TEXT"), ("stratum", "TEXT"),
@@ -63,6 +64,12 @@ def stratum_label(n: int) -> str:
     return f"p{lo}-{hi}"
 
 
+MAX_MODEL_LEN = 2048
+REPLAY_K = [1, 2, 3, 4]
+NGRAM_ALPHABET = 12  # token ids of the synthetic outputs: few, so that n-gram lookup finds matches
+OOV_RATE = 0.03  # output tokens outside a drafter's (trimmed) vocabulary
+
+
 def _config(arms: list[str], regimes: list[str], dtype: str) -> dict:
     speculative = {
         "ngram": {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 4, "prompt_lookup_min": 2},
@@ -72,7 +79,8 @@ def _config(arms: list[str], regimes: list[str], dtype: str) -> dict:
     regime_config = {"sequential": {"kind": "sequential"}, "concurrency-4": {"kind": "concurrency", "users": 4}}
     return {
         "name": "synthetic",
-        "target": {"name": "smollm2-135m-instruct", "source": "embedded", "dtype": dtype},
+        "target": {"name": "smollm2-135m-instruct", "source": "embedded", "dtype": dtype,
+                   "max_model_len": MAX_MODEL_LEN},
         "arms": [{"name": a, **({"speculative": speculative[a]} if a in speculative else {})} for a in arms],
         "baseline_arm": "baseline",
         "drafters": [{"name": "generic", "init": "target", "tasks": "all"},
@@ -80,6 +88,7 @@ def _config(arms: list[str], regimes: list[str], dtype: str) -> dict:
         "workload": {"prompt_strata": [0, 64, 256, 1024], "n_per_cell": 6,
                      "controls": [{"task": "gsm8k", "like": "xsum", "n": 6}]},
         "regimes": [regime_config[r] for r in regimes],
+        "replay": {"per_cell": 100, "k": REPLAY_K},
         "temperature": 0.0,
     }
 
@@ -134,7 +143,11 @@ class _Clock:
         return 1 + DRIFT_PER_MIN * (self.now - self.start) / 60
 
 
-def _record(rng, clock, run_id, arm, prompt, regime, output_tokens, failed_status=None) -> dict:
+def _record(rng, clock, run_id, arm, prompt, regime, output_tokens, failed_status=None, trace=None,
+            target_hash=None) -> dict:
+    """One request; with `trace` (the replay's chain at the served K) its spec
+    counts are the replay's, and with `target_hash` an output equal to the
+    target's carries the replay target's hash."""
     record = {name: None for name, _ in RECORD_SCHEMA}
     record.update({
         "request_id": f"{regime}-{arm}-{prompt['id']}-{clock.now:.3f}", "run_id": run_id, "arm": arm,
@@ -152,8 +165,11 @@ def _record(rng, clock, run_id, arm, prompt, regime, output_tokens, failed_statu
     if arm == "baseline":
         decode_time = (output_tokens - 1) * step
     else:
-        p = ACCEPTANCE[arm][_source(prompt["task"])]
-        steps, drafts, per_pos = _decode(rng, p, DRAFT_PROBABILITY[arm], output_tokens)
+        if trace is None:
+            steps, drafts, per_pos = _decode(rng, ACCEPTANCE[arm][_source(prompt["task"])], DRAFT_PROBABILITY[arm],
+                                             output_tokens)
+        else:
+            steps, drafts, per_pos = trace.decode_steps, trace.drafts, trace.per_position(K)
         # Drafting costs c target steps per drafted token, more under load.
         decode_time = step * (steps + drafts * K * COST_RATIO[arm] * LOAD_SLOWDOWN[regime])
         spec = {"num_spec_steps": drafts, "num_draft_tokens": K * drafts, "num_accepted_draft_tokens": sum(per_pos)}
@@ -165,24 +181,95 @@ def _record(rng, clock, run_id, arm, prompt, regime, output_tokens, failed_statu
     e2e = ttft + tpot * (output_tokens - 1)
     same_as_target = rng.random() < (0.85 if arm == "baseline" else 0.75)
     text = f"answer to {prompt['id']}" if same_as_target else f"variant {rng.random()}"
+    output_hash = target_hash if same_as_target and target_hash else _hash(text)
     record.update({
         "status": "ok", "http_status": 200, "finish_reason": "length", "t_first_token": clock.now + ttft,
         "t_end": clock.now + e2e, "ttft_s": ttft, "e2e_s": e2e, "tpot_s": tpot, "itl_mean_s": tpot,
         "itl_p50_s": tpot, "itl_p99_s": tpot * 1.5, "itl_max_s": tpot * 2, "itl_json": json.dumps([tpot] * 3),
-        "completion_tokens": output_tokens, "output_hash": _hash(text), "output_hash_kind": "token_ids",
+        "completion_tokens": output_tokens, "output_hash": output_hash, "output_hash_kind": "token_ids",
         "output_text": text,
     })
     clock.now += e2e + 0.01
     return record
 
 
+def _replay_prompts(rng, prompts: list[dict], outputs: dict[str, int], extra: int) -> list[dict]:
+    """The replay set: every served eval prompt, plus `extra` more per (task, stratum) cell of the tasks."""
+    replay = [dict(p, served_tokens=outputs[p["id"]]) for p in prompts]
+    cells = sorted({(p["task"], p["stratum"]) for p in prompts if "control" not in p})
+    for task, stratum in cells:
+        lo, hi = TASKS[task]["prompt"]
+        s_lo, s_hi = next((a, b) for a, b in STRATA if stratum_label(a) == stratum)
+        budget = TASKS[task]["max_tokens"]
+        for i in range(extra):
+            n = int(rng.integers(max(lo, s_lo), min(hi, s_hi)))
+            replay.append({"id": f"{task}-{s_lo}-replay-{i}", "task": task, "stratum": stratum, "prompt_tokens": n,
+                           "served_tokens": int(rng.integers(budget // 2, budget + 1))})
+    return sorted(replay, key=lambda p: p["id"])
+
+
+def _write_replay(run_dir: Path, rng, replay: list[dict], drafters: list[str]) -> dict[str, dict]:
+    """Targets (random token ids from a small alphabet), each drafter's match
+    vector (Bernoulli with the drafter's per-token acceptance on the task, never
+    on an out-of-vocabulary token), the replay workload and replay.json; returns
+    {prompt id: target line}."""
+    folder = run_dir / "replay"
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = {}
+    with (folder / "targets.jsonl").open("w") as f, (run_dir / "workload.replay.jsonl").open("w") as w:
+        for p in replay:
+            served, budget = p["served_tokens"], TASKS[_source(p["task"])]["max_tokens"]
+            prompt_ids = rng.integers(0, NGRAM_ALPHABET, p["prompt_tokens"]).tolist()
+            output_ids = rng.integers(0, NGRAM_ALPHABET, min(budget + 4, MAX_MODEL_LEN - len(prompt_ids))).tolist()
+            line = {"id": p["id"], "task": p["task"], "stratum": p["stratum"], "prompt_ids": prompt_ids,
+                    "output_ids": output_ids, "served_tokens": served, "finish": "length", "max_tokens": budget,
+                    "output_hash": token_ids_hash(output_ids[:served])}
+            targets[p["id"]] = line
+            f.write(json.dumps(line) + "\n")
+            row = {"id": p["id"], "task": p["task"], "stratum": p["stratum"], "split": "eval",
+                   "dataset": _source(p["task"]), "messages": [{"role": "user", "content": f"prompt {p['id']}"}],
+                   "max_tokens": budget, "prompt_tokens": p["prompt_tokens"], "ref_tokens": None,
+                   **({"control": p["control"]} if "control" in p else {})}
+            w.write(json.dumps(row) + "\n")
+    with (folder / "matches.jsonl").open("w") as f:
+        for drafter in drafters:
+            for pid, target in targets.items():
+                size = len(target["output_ids"])
+                in_vocab = rng.random(size) >= OOV_RATE
+                match = (rng.random(size) < ACCEPTANCE[drafter][_source(target["task"])]) & in_vocab
+                f.write(json.dumps({"drafter": drafter, "id": pid, "match": "".join("01"[int(m)] for m in match),
+                                    "in_vocab": "".join("01"[int(v)] for v in in_vocab)}) + "\n")
+    (folder / "replay.json").write_text(json.dumps({
+        "dtype": "float32", "k": REPLAY_K, "max_model_len": MAX_MODEL_LEN,
+        "drafters": {d: {"inputs_hash": "synthetic", "vocab_size": 16384, "seconds": 1.0} for d in drafters},
+        "targets": {"prompts": len(targets), "generated": len(targets), "seconds": 1.0}}))
+    return targets
+
+
+def served_trace(arm: str, target: dict, matches: dict[str, str]) -> chain.Trace:
+    """The chain at the served K for one arm: what the synthetic served records report."""
+    if arm == "ngram":
+        return chain.ngram_trace(target["prompt_ids"], target["output_ids"], target["served_tokens"], K,
+                                 min_n=2, max_n=4, max_model_len=MAX_MODEL_LEN)
+    return chain.draft_model_trace([c == "1" for c in matches[arm]], target["served_tokens"], K,
+                                   prompt_tokens=len(target["prompt_ids"]), max_model_len=MAX_MODEL_LEN,
+                                   output_ids=target["output_ids"])
+
+
 def write_synthetic_run(run_dir: Path, *, seed: int = 0, per_cell: int = 6,
                         arms=("baseline", "ngram", "generic", "finetuned"),
                         regimes=("sequential", "concurrency-4"), dtype: str = "bfloat16",
                         dies_after: dict[str, int] | None = None, failures: int = 2,
-                        cards: bool = True, shuffle_rows: bool = False) -> Path:
+                        cards: bool = True, shuffle_rows: bool = False, replay: bool = False,
+                        replay_extra: int = 6, disagree: dict[str, int] | None = None) -> Path:
     """Write config, workload, drafter cards and records; `dies_after` maps an
-    arm to the number of its requests after which it answers only errors."""
+    arm to the number of its requests after which it answers only errors.
+
+    With `replay`, also the replay files (every eval prompt, plus
+    `replay_extra` more per cell), and the sequentially served speculative
+    requests report exactly the replay's counts at the served K, except on the
+    first `disagree[arm]` prompts (by id) of an arm, whose accepted count is 2
+    more than the replay's."""
     rng = np.random.default_rng(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_id = "synthetic-run"
@@ -218,6 +305,16 @@ def write_synthetic_run(run_dir: Path, *, seed: int = 0, per_cell: int = 6,
     # Output length is a property of the prompt (greedy decoding), shared by all arms.
     budget = {p["id"]: TASKS[_source(p["task"])]["max_tokens"] for p in prompts}
     outputs = {pid: int(rng.integers(tokens // 2, tokens + 1)) for pid, tokens in budget.items()}
+    targets, matches = {}, {}
+    if replay:
+        replay_rng = np.random.default_rng(seed + 1)
+        drafters = [a for a in ("generic", "finetuned") if a in arms]
+        targets = _write_replay(run_dir, replay_rng, _replay_prompts(replay_rng, prompts, outputs, replay_extra),
+                                drafters)
+        for line in (run_dir / "replay" / "matches.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            matches.setdefault(row["id"], {})[row["drafter"]] = row["match"]
+    planted = {arm: set(sorted(outputs)[:n]) for arm, n in (disagree or {}).items()}
     clock = _Clock(1_700_000_000.0)
     sent = {a: 0 for a in arms}
     records = []
@@ -228,7 +325,14 @@ def write_synthetic_run(run_dir: Path, *, seed: int = 0, per_cell: int = 6,
         failed = "upstream_unavailable" if dead else None
         if not failed and arm == "ngram" and failures and rng.random() < failures / len(prompts):
             failed = "upstream_error"
-        records.append(_record(rng, clock, run_id, arm, prompt, regime, outputs[prompt["id"]], failed))
+        target = targets.get(prompt["id"])
+        trace = served_trace(arm, target, matches.get(prompt["id"], {})) \
+            if target and regime == "sequential" and arm != "baseline" else None
+        record = _record(rng, clock, run_id, arm, prompt, regime, outputs[prompt["id"]], failed, trace,
+                         target and target["output_hash"])
+        if trace and record["status"] == "ok" and prompt["id"] in planted.get(arm, ()):
+            record["spec_accepted_tokens"] += 2
+        records.append(record)
 
     order = list(arms)
     for regime in regimes:
@@ -263,3 +367,23 @@ def test_synthetic_run_follows_the_contract(tmp_path):
     parse_config(yaml.safe_load((run_dir / "config.resolved.yaml").read_text()), run_dir / "config.resolved.yaml")
     columns = [name for name, _ in RECORD_SCHEMA]
     assert columns == list(RECORD_COLUMNS), "the synthetic records no longer match the gateway's table"
+
+
+def test_synthetic_replay_follows_the_file_contract(tmp_path):
+    """The replay files as /work/notes/replay-formats.md (and drafters/replay.py) write them: a
+    match and in_vocab character per target output token, served_tokens within the extended
+    output, the output hash of the served tokens, and one replay workload row per target."""
+    run_dir = write_synthetic_run(tmp_path / "run", replay=True)
+    targets = [json.loads(line) for line in (run_dir / "replay" / "targets.jsonl").read_text().splitlines()]
+    matches = [json.loads(line) for line in (run_dir / "replay" / "matches.jsonl").read_text().splitlines()]
+    workload = [json.loads(line) for line in (run_dir / "workload.replay.jsonl").read_text().splitlines()]
+    by_id = {t["id"]: t for t in targets}
+    assert {w["id"] for w in workload} == set(by_id)
+    for t in targets:
+        assert 1 <= t["served_tokens"] <= len(t["output_ids"])
+        assert t["output_hash"] == token_ids_hash(t["output_ids"][:t["served_tokens"]])
+    for m in matches:
+        size = len(by_id[m["id"]]["output_ids"])
+        assert len(m["match"]) == len(m["in_vocab"]) == size
+        assert all(not (c == "1" and v == "0") for c, v in zip(m["match"], m["in_vocab"]))
+    assert {m["drafter"] for m in matches} == {"generic", "finetuned"}

@@ -17,7 +17,8 @@ from analysis.document import Bullets, Document, Figure, Heading, Paragraph, Tab
 from specdrift.cli import main
 from test_analysis_synthetic import write_synthetic_run
 
-SECTIONS = ["Summary", "The run", "Speed-up against the baseline, paired by prompt", "Acceptance",
+SECTIONS = ["Summary", "The run", "Acceptance (replay, primary outcome)",
+            "Speed-up against the baseline, paired by prompt", "Acceptance (served)",
             "The analytic model (Leviathan et al. 2023)", "Losslessness", "Length divergence",
             "The answer: does the fine-tuned drafter's advantage follow length divergence?",
             "Length-matched control", "Load regimes", "Drift over time", "Environment", "Methods"]
@@ -40,7 +41,7 @@ def test_report_writes_every_output(reported):
     assert headings == SECTIONS
     for name in FIGURES:
         assert f"](figures/{name})" in markdown
-    assert json.loads((reported / "results.json").read_text())["schema"] == 2
+    assert json.loads((reported / "results.json").read_text())["schema"] == 3
 
 
 def test_report_reproduces_results_json_exactly(reported, tmp_path):

@@ -186,3 +186,18 @@ def test_a_killed_arm_is_reported_and_the_run_goes_on(run_with_killed_arm):
     assert sum(r["arm"] == "baseline" and r["status"] == "ok" and r["regime"] == "concurrency-2" for r in rows) > 0
     assert "gave up on arm ngram" in (run_dir / "report.md").read_text()
     assert no_vllm_left(run_dir)
+
+
+def test_replay_agrees_with_served_vllm_in_float32(finished_run):
+    """The float32 smoke run: the replayed n-gram arm's per-prompt accepted counts
+    equal vLLM's for at least 90% of the sequentially served prompts, tau within 0.02."""
+    run_dir = finished_run["dir"]
+    for name in ("workload.replay.jsonl", "replay/targets.jsonl", "replay/replay.json"):
+        assert (run_dir / name).is_file(), name
+    validation = json.loads((run_dir / "results.json").read_text())["replay"]["validation"]
+    assert validation["dtype"] == "float32"
+    ngram = validation["arms"]["ngram"]
+    assert ngram["n"] >= 5
+    assert ngram["accepted_exact"]["share"] >= 0.9
+    assert abs(ngram["gap"]) <= 0.02
+    assert ngram["verdict"] == "agrees"
