@@ -23,6 +23,7 @@ seconds and an interrupted one resumes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -130,13 +131,15 @@ def teacher_forced(config: ExperimentConfig, directory: Path, targets: list[dict
     about `replay.batch_tokens` tokens (sorted by length, so padding is small)."""
     # Here, not at the top: torch, transformers and vLLM take seconds to import,
     # and only the replay needs them. vLLM's VocabMapping is the arm's own map.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its import-time INFO lines are not our progress
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its import-time lines are not our progress
+    logging.getLogger("vllm").setLevel(logging.ERROR)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
     from vllm.tokenizers.registry import get_tokenizer
     from vllm.v1.spec_decode.vocab_mapping import VocabMapping
 
+    logging.getLogger("vllm").setLevel(logging.ERROR)  # in case vLLM was imported before, with its own level
     transformers_logging.disable_progress_bar()  # its weight-loading bar would break the console's progress lines
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
         config.target.dtype, "auto")

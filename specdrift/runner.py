@@ -308,6 +308,8 @@ def replay_experiment(config: ExperimentConfig, out: Path | None = None, drafter
         config.drafter(drafter)  # an unknown name fails here, before any work
     started = time.monotonic()
     existing = out is not None and RunFiles(out).state.exists()
+    if existing and drafter is not None:
+        raise RunError(f"{out} is a run: its replay covers every arm, so --drafter cannot be used with it")
     run, state = open_run_dir(config, out or Path("runs") / f"{new_run_id(config)}-replay", existing)
     progress(f"replay {state.run_id} in {run.root}")
     prepare_inputs(config, run, progress)
