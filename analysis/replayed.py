@@ -10,6 +10,9 @@ them) give every step's accepted count at any K through vLLM's chain rule
 - acceptance per (arm, K, task, stratum), with "all" rows pooled by
   post-stratification on the tasks' natural stratum shares;
 - the fine-tuned-against-generic answer per prompt, y = log(tau_ft / tau_gen);
+- y against the prompt's length shift from the drafter's training mixture: a
+  mixed model, the within-task slope, a task-level permutation test
+  (analysis/inference.py; issue 12);
 - validation of the replay against the sequentially served requests;
 - the served step-cost ratio r = tokens per decode step / TPOT speed-up and
   its decomposition r = gamma c + v;
@@ -27,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from analysis import acceptance, chain, stats
+from analysis import acceptance, chain, inference, stats
 from analysis.cells import ALL
 from analysis.rundir import RunData, finetune_pairs, scopes, select
 from analysis.schema import ArmInfo, Results
@@ -42,6 +45,9 @@ SPEC_BENCH = (("Spec-Bench GPU: prompt lookup", 1.09), ("Spec-Bench GPU: 68M dra
               ("Spec-Bench GPU: 68M draft model, high", 1.53), ("Spec-Bench GPU: EAGLE", 1.58),
               ("Spec-Bench GPU: EAGLE-2", 1.94))
 NATURAL = "natural stratum shares"
+# issue 12: below this many prompts a ratio of sums gets the log-scale delta-t interval, from it the
+# bootstrap (whose coverage at 10 skewed prompts is 0.92; tests/test_inference.py)
+RATIO_BOOTSTRAP_FROM = 20
 NO_REPLAY = "No replay in this run: acceptance comes only from the served requests."
 
 
@@ -116,6 +122,23 @@ def prompt_units(run: RunData) -> dict[tuple[str, int], pd.DataFrame]:
             frame["is_control"] = frame["prompt_id"].map(labels["is_control"]).astype(bool)
             units[arm.name, k] = frame
     return units
+
+
+def prompt_rows(run: RunData) -> list[dict]:
+    """The replay per prompt (report output `replay_prompts.jsonl`): one row per
+    (arm, K, prompt) with drafts, draft tokens, accepted tokens, accepted per
+    position, decode steps and tau; sorted, so re-analysis writes the same file."""
+    if run.replay is None:
+        return []
+    rows = []
+    for (arm, k), frame in sorted(prompt_units(run).items()):
+        for unit in frame.sort_values("prompt_id").itertuples():
+            rows.append({"arm": arm, "k": k, "prompt_id": unit.prompt_id, "task": unit.task,
+                         "stratum": unit.stratum, "drafts": int(unit.drafts), "draft_tokens": int(unit.draft_tokens),
+                         "accepted": int(unit.accepted), "accepted_per_position": [int(a) for a in unit.per_pos],
+                         "decode_steps": int(unit.decode_steps),
+                         "tau": round(1 + unit.accepted / unit.drafts, 6) if unit.drafts else None})
+    return rows
 
 
 # --- post-stratification -------------------------------------------------------------------
@@ -210,21 +233,34 @@ def delta_t_interval(estimate: float, influence: np.ndarray) -> list[float]:
     return [estimate - half, estimate + half]
 
 
+def log_delta_t_interval(estimate: float, influence: np.ndarray) -> list[float]:
+    """exp(log estimate ± t_(n-1) se / estimate): the delta-method t interval on the log
+    scale (issue 12: a ratio of skewed per-prompt counts keeps its level there at small n,
+    where the linear interval covers 0.89-0.90 at n = 3-5; tests/test_inference.py).
+    A zero estimate has no log: the linear interval then."""
+    if estimate <= 0:
+        return delta_t_interval(estimate, influence)
+    lo, hi = delta_t_interval(math.log(estimate), influence / estimate)
+    return [math.exp(lo), math.exp(hi)]
+
+
 def ratio_interval(num: np.ndarray, den: np.ndarray, weights: np.ndarray, codes: np.ndarray,
                    seed: int) -> tuple[list[float] | None, str]:
     """Interval of R = sum(w num) / sum(w den), and which interval it is.
 
-    From SMALL_SAMPLE prompts: a bootstrap over prompts, resampled within
-    strata, expanded percentile. Below it, the delta method with a t quantile
-    (n-1 df): the bootstrap's coverage is not trustworthy there. Below
+    From RATIO_BOOTSTRAP_FROM prompts: a bootstrap over prompts, resampled
+    within strata, expanded percentile. Below it, the delta method with a t
+    quantile (n-1 df) on the log scale: the bootstrap's coverage is not
+    trustworthy there (0.92 at 10 prompts of skewed acceptance). Below
     MIN_UNITS_FOR_CI prompts: none."""
     n = num.size
     total = float((weights * den).sum())
     if total <= 0 or n < stats.MIN_UNITS_FOR_CI:
         return None, "none (fewer than 3 prompts)" if n < stats.MIN_UNITS_FOR_CI else "none (no drafts)"
     ratio = float((weights * num).sum()) / total
-    if n < stats.SMALL_SAMPLE:
-        return delta_t_interval(ratio, weights * (num - ratio * den) / total), "delta method, t (small n)"
+    if n < RATIO_BOOTSTRAP_FROM:  # issue 12: log scale, and up to 19 prompts (was linear, below 10)
+        return (log_delta_t_interval(ratio, weights * (num - ratio * den) / total),
+                "delta method on the log scale, t" + (" (small n)" if n < stats.SMALL_SAMPLE else ""))
     idx = _stratified_indices(codes, seed)
     w = weights[idx]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -244,35 +280,43 @@ def stratified_mean(groups: list[tuple[float, np.ndarray]]) -> tuple[float | Non
     """sum_s W_s mean(y_s) with weights W_s (summing to 1) and a t interval,
     degrees of freedom by Welch-Satterthwaite. A stratum with one value has no
     variance of its own: for the interval it is collapsed into its neighbour
-    (the next stratum, else the previous; Cochran's collapsed strata), which
-    keeps the estimate and widens nothing it should not. No interval below
-    MIN_UNITS_FOR_CI values in all."""
+    (the next stratum, else the previous; Cochran's collapsed strata). The
+    collapsed group keeps each value's own weight w_i = W_s / n_s: its variance
+    is n/(n-1) sum (w_i y_i - mean w y)^2 and its degrees of freedom n_eff - 1
+    (Kish's n_eff = (sum w)^2 / sum w^2, at least 1), so a heavy one-value
+    stratum widens the interval as it should (issue 12: merging with equal
+    weights covered 0.66 when the one value carried 90% of the weight;
+    tests/test_inference.py). With equal weights this is the plain stratum
+    variance. No interval below MIN_UNITS_FOR_CI values in all."""
     groups = [(w, y) for w, y in groups if y.size]
     if not groups:
         return None, None
     total = sum(w for w, _ in groups)
     mean = sum(w / total * y.mean() for w, y in groups)
-    collapsed = _collapse_singletons(groups)
+    collapsed = _collapse_singletons([(np.full(y.size, w / total / y.size), y) for w, y in groups])
     if min(y.size for _, y in collapsed) < 2 or sum(y.size for _, y in collapsed) < stats.MIN_UNITS_FOR_CI:
         return float(mean), None
-    parts = [(w / total) ** 2 * y.var(ddof=1) / y.size for w, y in collapsed]
+    parts, dfs = [], []
+    for w, y in collapsed:
+        z = w * y
+        parts.append(y.size / (y.size - 1) * float(((z - z.mean()) ** 2).sum()))
+        dfs.append(max(1.0, float(w.sum() ** 2 / (w ** 2).sum()) - 1))
     variance = sum(parts)
     if variance <= 0:
         return float(mean), [float(mean), float(mean)]
-    df = variance ** 2 / sum(p ** 2 / (y.size - 1) for p, (_, y) in zip(parts, collapsed) if p > 0)
+    df = variance ** 2 / sum(p ** 2 / d for p, d in zip(parts, dfs) if p > 0)
     half = float(sps.t.ppf(1 - (1 - stats.LEVEL) / 2, df)) * math.sqrt(variance)
     return float(mean), [float(mean - half), float(mean + half)]
 
 
-def _collapse_singletons(groups: list[tuple[float, np.ndarray]]) -> list[tuple[float, np.ndarray]]:
-    """Merge each one-value stratum into its neighbour (weights add, values join)."""
+def _collapse_singletons(groups: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Merge each one-value stratum into its neighbour; groups are (per-value weights, values)."""
     groups = list(groups)
     while len(groups) > 1 and any(y.size < 2 for _, y in groups):
         i = next(i for i, (_, y) in enumerate(groups) if y.size < 2)
-        j = i + 1 if i + 1 < len(groups) else i - 1
-        (wi, yi), (wj, yj) = groups[i], groups[j]
-        groups[min(i, j)] = (wi + wj, np.concatenate([yi, yj]))
-        del groups[max(i, j)]
+        a, b = sorted((i, i + 1 if i + 1 < len(groups) else i - 1))
+        groups[a] = (np.concatenate([groups[a][0], groups[b][0]]), np.concatenate([groups[a][1], groups[b][1]]))
+        del groups[b]
     return groups
 
 
@@ -332,6 +376,27 @@ def _tau_per_prompt(frame: pd.DataFrame) -> pd.Series:
     return (1 + frame["accepted"] / drafts).set_axis(frame["prompt_id"])
 
 
+def _y_frame(units: dict, ft: str, gen: str, k: int) -> pd.DataFrame:
+    """Per prompt both arms replayed at K: tau_ft, tau_gen and y = log(tau_ft / tau_gen)."""
+    both = units[ft, k][["prompt_id", "task", "stratum", "is_control"]].assign(
+        tau_ft=_tau_per_prompt(units[ft, k]).to_numpy())
+    both = both.merge(_tau_per_prompt(units[gen, k]).rename("tau_gen"), left_on="prompt_id", right_index=True)
+    both["y"] = np.log(both["tau_ft"] / both["tau_gen"])
+    return both
+
+
+def _inference(run: RunData, units: dict) -> dict | None:
+    """issue 12: the mixed model, the within-task slope and the task-level permutation test
+    (analysis/inference.py) on y at the fine-tuned arm's served K; None without a pair."""
+    replayed = {a.name for a in replayed_arms(run)}
+    pairs = []
+    for ft, gen, drafter in finetune_pairs(run):
+        k = run.arm(ft).num_speculative_tokens
+        if ft in replayed and gen in replayed and (gen, k) in units:
+            pairs.append((ft, gen, drafter, int(k), _y_frame(units, ft, gen, k)))
+    return inference.replay_inference(run, pairs) if pairs else None
+
+
 def _finetune(run: RunData, units: dict) -> list[dict]:
     entries = []
     replayed = {a.name for a in replayed_arms(run)}
@@ -341,11 +406,7 @@ def _finetune(run: RunData, units: dict) -> list[dict]:
         served_k = run.arm(ft).num_speculative_tokens
         rows = []
         for k in sorted(set(arm_ks(run, run.arm(ft))) & set(arm_ks(run, run.arm(gen)))):
-            both = units[ft, k][["prompt_id", "task", "stratum", "is_control"]].assign(
-                tau_ft=_tau_per_prompt(units[ft, k]).to_numpy())
-            both = both.merge(_tau_per_prompt(units[gen, k]).rename("tau_gen"), left_on="prompt_id",
-                              right_index=True)
-            both["y"] = np.log(both["tau_ft"] / both["tau_gen"])
+            both = _y_frame(units, ft, gen, k)
             for task, stratum in scopes(both):
                 if task == ALL:
                     continue  # the answer is per task: its domains differ
@@ -624,15 +685,17 @@ def compute_replay(run: RunData, speed: dict, accept: dict, baseline_self: dict 
             "tau": "tau = 1 + sum A / sum D over the prompts (a ratio of sums); a_i/D per position, a_i/a_(i-1) "
                    "conditional, tokens per decode step = (served tokens - 1) / decode steps, drafting share = "
                    "D / decode steps; out-of-vocabulary share over the served output positions 1..n-1",
-            "tau_interval": f"from {stats.SMALL_SAMPLE} prompts a bootstrap over prompts ({stats.RESAMPLES} "
+            "tau_interval": f"from {RATIO_BOOTSTRAP_FROM} prompts a bootstrap over prompts ({stats.RESAMPLES} "
                             "resamples, within strata for pooled rows, expanded percentile); from "
-                            f"{stats.MIN_UNITS_FOR_CI} to {stats.SMALL_SAMPLE - 1} prompts the delta method with "
-                            "a t quantile, marked small n; none below",
+                            f"{stats.MIN_UNITS_FOR_CI} to {RATIO_BOOTSTRAP_FROM - 1} prompts the delta method "
+                            f"with a t quantile on the log scale (below {stats.SMALL_SAMPLE} marked small n); "
+                            "none below",
             "pooling": "'all' rows post-stratify: each stratum weighs by its share of the task's kept prompts "
                        "(natural lengths), renormalised over the strata replayed; over all tasks each task weighs "
                        "equally; controls are their own task",
             "y": "y = log(tau_ft / tau_gen) per prompt; mean with a t interval per cell, and per task the "
-                 "natural-share weighted mean with a Welch-Satterthwaite t interval; prompts where either arm "
+                 "natural-share weighted mean with a Welch-Satterthwaite t interval (a one-prompt stratum "
+                 "collapsed into its neighbour, each prompt keeping its weight); prompts where either arm "
                  "drafted nothing are excluded and counted",
         },
         "coverage": [{"task": t, "stratum": s, "prompts": int(n)}
@@ -642,6 +705,7 @@ def compute_replay(run: RunData, speed: dict, accept: dict, baseline_self: dict 
                  for a in replayed_arms(run)},
         "acceptance": rows,
         "finetune": _finetune(run, units),
+        "inference": _inference(run, units),  # issue 12
         "validation": _validation(run, units, baseline_self),
         "cost_model": cost_model,
         "projection": _projection(rows, cost_model),

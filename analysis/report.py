@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from analysis import text
+from analysis import replayed, text
 from analysis.cells import ALL, GAINS, HEADLINE, fit_key, fit_key_parts
 from analysis.document import Bullets, Document, Figure, Heading, Paragraph, Table
 from analysis.figures import draw_all
@@ -18,6 +18,7 @@ from analysis.schema import Answer, Divergence, Results, Speedup
 from core.contracts import OK
 
 FIGURES = "figures"
+REPLAY_PROMPTS = "replay_prompts.jsonl"  # the replay per (arm, K, prompt)
 REPLAY_HEADING = "Acceptance (replay, primary outcome)"
 
 
@@ -180,6 +181,40 @@ def _replay_finetune(replay) -> list:
     return blocks
 
 
+def _replay_inference(replay) -> list:
+    """issue 12: the length-shift model on y (analysis/inference.py), after the y table."""
+    found = replay.inference
+    if found is None or not found.pairs:
+        return []
+
+    def fit(f):
+        if f is None:
+            return [text.DASH] * 3
+        return [f.model + (f" (fallback: {f.fallback})" if f.fallback else ""),
+                text.with_ci(f.slope, f.ci) + (f", t df {f.df:.3g}" if f.df is not None else ""),
+                text.num(f.p)]
+
+    rows = []
+    for e in found.pairs:
+        if e.missing:
+            rows.append([f"{e.finetuned_arm} / {e.generic_arm}", text.num(e.k), text.DASH, e.missing]
+                        + [text.DASH] * 4)
+            continue
+        perm = e.permutation
+        perm_text = (text.DASH if perm is None or perm.p is None else
+                     f"p {text.num(perm.p)} ({perm.permutations} {'permutations' if perm.exact else 'draws'}; "
+                     f"{perm.note})")
+        for label, f in (("mixed", e.mixed), ("within task", e.within_task)):
+            rows.append([f"{e.finetuned_arm} / {e.generic_arm}", text.num(e.k),
+                         f"{e.n} prompts, {e.tasks} tasks, {e.cells} cells", label] + fit(f)
+                        + [perm_text if label == "mixed" else ""])
+    return [Paragraph(f"Length shift against the drafter's training mixture ({found.y}). x = {found.covariate}. "
+                      "Slopes are the change in y per unit of x, with 95% intervals; the permutation test is of "
+                      f"the between-task slope. {found.confounded}"),
+            Table(["pair", "K", "data", "fit", "model", "slope of y on x [95% CI]", "p", "task permutation test"],
+                  rows, "y against the length shift x: mixed model, within-task slope, task-level permutation")]
+
+
 def _replay_validation(replay) -> list:
     check = replay.validation
     if check is None:
@@ -266,6 +301,7 @@ def _replay_section(results: Results, figures: dict) -> list:
     blocks += _figure(figures, "acceptance_context.png")
     blocks += _replay_acceptance(replay)
     blocks += _replay_finetune(replay)
+    blocks += _replay_inference(replay)  # issue 12
     blocks += [Heading(3, "Validation against served vLLM")] + _replay_validation(replay)
     blocks += [Heading(3, "Cost model (served)")] + _replay_cost(replay)
     blocks += _replay_projection(replay)
@@ -549,6 +585,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     out = Path(out_dir) if out_dir else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(results_json(results))
+    replay_rows = replayed.prompt_rows(run)
+    if replay_rows:
+        (out / REPLAY_PROMPTS).write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in replay_rows))
     typed = Results.from_dict(results)
     figures = draw_all(run, typed, out / FIGURES)
     document = build_document(typed, figures)

@@ -454,6 +454,68 @@ class ReplayFinetune(Section):
     rows: list[YRow]
 
 
+# issue 12: replay["inference"] (analysis/inference.py)
+@dataclass(frozen=True)
+class SlopeFit(Section):
+    """A slope of y on the length shift x with its t interval."""
+
+    model: str  # what was fitted (a fallback says so here and in `fallback`)
+    n: int  # prompts
+    slope: float | None
+    se: float | None
+    df: float | None  # of the t quantile
+    ci: list[float] | None
+    p: float | None
+    excludes_zero: bool
+    fallback: str | None = None  # why the intended model was not the one fitted
+    task_variance: float | None = None
+    stratum_variance: float | None = None
+    cell_variance: float | None = None
+    residual_variance: float | None = None
+
+
+@dataclass(frozen=True)
+class PermutationTest(Section):
+    """The task-level permutation test of the between-task slope."""
+
+    tasks: int
+    statistic: str
+    slope: float | None
+    p: float | None
+    permutations: int
+    exact: bool | None  # every distinct permutation, or seeded draws
+    min_p: float | None  # the smallest p this many tasks can give
+    can_reach_alpha: bool  # min_p <= 0.05
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class InferencePair(Section):
+    finetuned_arm: str
+    generic_arm: str
+    drafter: str
+    k: int  # the fine-tuned arm's served K
+    mixture_prompts: int  # training prompts of the drafter and its init chain
+    mixture_log_mean: float | None
+    mixture_log_sd: float | None
+    n: int | None = None
+    tasks: int | None = None
+    cells: int | None = None
+    mixed: SlopeFit | None = None
+    within_task: SlopeFit | None = None
+    permutation: PermutationTest | None = None
+    missing: str | None = None  # why there is no fit
+
+
+@dataclass(frozen=True)
+class ReplayInference(Section):
+    y: str
+    covariate: str
+    confounded: str  # what the design can and cannot say
+    level: float
+    pairs: list[InferencePair]
+
+
 @dataclass(frozen=True)
 class Agreement(Section):
     n: int
@@ -591,6 +653,7 @@ class Replay(Section):
     cost_model: CostModel | None
     projection: Projection
     profiles: dict[str, Profile]
+    inference: ReplayInference | None = None  # issue 12; None without a fine-tuned/generic pair
 
     def rows(self, arm: str | None = None, served: bool | None = True) -> list[ReplayAcceptance]:
         return [r for r in self.acceptance if (arm is None or r.arm == arm) and (served is None or r.served == served)]

@@ -75,7 +75,9 @@ def test_tau_table_sums_the_chain_over_a_cells_prompts(exact):
         assert row["oov_share"] == pytest.approx(outside / sum(t["served_tokens"] - 1 for t in mine), rel=1e-5)
         assert row["served"] == (k == K)
         assert row["tau_ci"][0] < row["tau"] < row["tau_ci"][1]
-        assert row["interval"].startswith("bootstrap") and not row["small_n"]
+        small = row["n"] < replayed.RATIO_BOOTSTRAP_FROM  # issue 12: log-scale delta-t below 20 prompts
+        assert row["interval"].startswith("delta method on the log scale" if small else "bootstrap")
+        assert not row["small_n"]
 
 
 def test_ngram_rows_replay_vllms_prompt_lookup(exact):
@@ -104,9 +106,10 @@ def test_delta_t_interval_by_hand():
     weights = np.full(4, 0.25)
     ci, kind = replayed.ratio_interval(num, den, weights, np.zeros(4, int), seed=1)
     ratio = num.sum() / den.sum()
-    z = (num - ratio * den) / den.mean()  # the textbook ratio-estimator interval
-    half = sps.t.ppf(0.975, 3) * z.std(ddof=1) / 2
-    assert kind.startswith("delta") and ci == pytest.approx([ratio - half, ratio + half])
+    z = (num - ratio * den) / den.mean()  # the textbook ratio-estimator se, on the log scale (issue 12)
+    half = sps.t.ppf(0.975, 3) * z.std(ddof=1) / 2 / ratio
+    assert kind.startswith("delta method on the log scale")
+    assert ci == pytest.approx([ratio * math.exp(-half), ratio * math.exp(half)])
 
 
 # --- post-stratification -------------------------------------------------------------------
@@ -165,11 +168,15 @@ def test_stratified_mean_by_hand():
     df = sum(parts) ** 2 / (parts[0] ** 2 / 2 + parts[1] ** 2 / 1)
     half = sps.t.ppf(0.975, df) * math.sqrt(sum(parts))
     assert ci == pytest.approx([mean - half, mean + half])
-    # A stratum of one is collapsed into its neighbour for the interval (its estimate stays its own).
+    # A stratum of one is collapsed into its neighbour for the interval (its estimate stays its own),
+    # each value keeping its weight (issue 12): Cochran's collapsed-strata variance, Kish's n_eff - 1 df.
     single_mean, single_ci = replayed.stratified_mean([(0.5, a), (0.5, np.array([1.0]))])
     assert single_mean == pytest.approx(0.5 * a.mean() + 0.5)
-    joined = np.append(a, 1.0)
-    half = sps.t.ppf(0.975, joined.size - 1) * joined.std(ddof=1) / math.sqrt(joined.size)
+    w, joined = np.array([0.5 / 3] * 3 + [0.5]), np.append(a, 1.0)
+    z = w * joined
+    variance = 4 / 3 * ((z - z.mean()) ** 2).sum()
+    df = max(1.0, w.sum() ** 2 / (w ** 2).sum() - 1)
+    half = sps.t.ppf(0.975, df) * math.sqrt(variance)
     assert single_ci[1] - single_ci[0] == pytest.approx(2 * half)
     assert replayed.stratified_mean([(1.0, np.array([1.0]))])[1] is None
 
@@ -312,4 +319,23 @@ def test_a_one_prompt_stratum_is_collapsed_into_its_neighbour_for_the_interval()
     assert mean == pytest.approx(0.6 * big.mean() + 0.39 * small.mean() + 0.01 * 0.5)
     assert interval is not None and interval[0] < mean < interval[1]
     merged_mean, merged = stratified_mean([(0.6, big), (0.4, np.concatenate([small, single]))])
-    assert interval[1] - interval[0] == pytest.approx(merged[1] - merged[0])
+    # The one prompt keeps its own weight (0.01, its neighbours 0.013 each): nearly the merged interval.
+    assert interval[1] - interval[0] == pytest.approx(merged[1] - merged[0], rel=0.05)
+
+
+def test_the_replay_per_prompt_is_written_beside_the_report_and_sums_to_the_table(exact, tmp_path):
+    from analysis.report import REPLAY_PROMPTS, write_report
+
+    run_dir, _, results = exact
+    write_report(run_dir, tmp_path / "a")
+    write_report(run_dir, tmp_path / "b")
+    assert (tmp_path / "a" / REPLAY_PROMPTS).read_bytes() == (tmp_path / "b" / REPLAY_PROMPTS).read_bytes()
+    rows = [json.loads(line) for line in (tmp_path / "a" / REPLAY_PROMPTS).read_text().splitlines()]
+    served = [r for r in results["replay"]["acceptance"] if r["served"]]
+    for row in served:
+        if row["task"] != "all" and row["stratum"] != "all":
+            mine = [p for p in rows if p["arm"] == row["arm"] and p["k"] == row["k"]
+                    and p["task"] == row["task"] and p["stratum"] == row["stratum"]]
+            assert len(mine) == row["n"]
+            assert sum(p["accepted"] for p in mine) == row["accepted_tokens"]
+            assert sum(p["drafts"] for p in mine) == row["drafts"]
