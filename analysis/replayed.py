@@ -583,7 +583,12 @@ def _cost_model(run: RunData, speed: dict, accept: dict) -> dict | None:
         mine = [a for a in arms if a.drafter == drafter and a.method == "draft_model"]
         fit = k_sweep([(gamma[a.name], pooled[a.name]["value"]) for a in mine])
         if fit:
-            sweeps[drafter] = {"arms": [a.name for a in mine], **fit}
+            sweeps[drafter] = {"arms": [a.name for a in mine], "source": "served arms", **fit}
+    for name, sweep in sorted(run.cost_sweep.items()):
+        # The timed K sweep (specdrift/cost.py): the arm served again at other K, forced tokens.
+        fit = k_sweep([(int(p["k"]), float(p["r"])) for p in sweep.get("points", [])])
+        if fit:
+            sweeps[name] = {"arms": [name], "source": "timed K sweep (cost.json)", **fit}
     return {
         "regime": VALIDATION_REGIME,
         "definition": "r = tokens per decode step / TPOT speed-up, per prompt (log r = log(N/S) - log(TPOT_base/"
@@ -591,8 +596,10 @@ def _cost_model(run: RunData, speed: dict, accept: dict) -> dict | None:
                       "the baseline's",
         "assumption": "r = gamma c + v, with v (verification and bookkeeping per step) the same for every K and "
                       "method: the n-gram arm (c ~ 0) gives v, and c = (r - v) / gamma for each draft-model arm. "
-                      + ("A K sweep of served arms tests it: fitted below." if sweeps else
-                         "A K sweep of served arms (one drafter at several K) would test it; none was run."),
+                      + ("A K sweep tests it: r = gamma c + v fitted by least squares below, its v beside the n-gram "
+                         "arm's." if sweeps else
+                         "A K sweep (cost.k_sweep, or served arms of one drafter at several K) would test it; "
+                         "none was run."),
         "v": v, "v_arms": ngram, "arms": entries, "cells": cells, "k_sweep": sweeps,
         "served_alone": "cost.json's c (the drafter served alone, timed against the baseline) is shown apart: it "
                         "is biased in both directions (it leaves out the verification overhead, and times the "

@@ -253,8 +253,8 @@ def _replay_cost(replay) -> list:
               Table(["task", "stratum", "arm", "tokens/decode step", "TPOT speed-up", "r [95% CI]", "c"], cells,
                     "r per cell")]
     if model.k_sweep:
-        blocks.append(Table(["drafter", "arms", "γ", "r", "c (fit)", "v (fit)"],
-                            [[d, ", ".join(f.arms), " / ".join(map(str, f.gammas)),
+        blocks.append(Table(["drafter or arm", "from", "arms", "γ", "r", "c (fit)", "v (fit)"],
+                            [[d, f.source, ", ".join(f.arms), " / ".join(map(str, f.gammas)),
                               " / ".join(text.num(x) for x in f.r), text.num(f.c), text.num(f.v)]
                              for d, f in model.k_sweep.items()], "K sweep: least squares r = γc + v"))
     return blocks

@@ -67,6 +67,7 @@ class RunData:
     # One row per prompt: prompt_id, task, stratum, is_control, control_task, control_like, prompt_tokens.
     prompts: pd.DataFrame
     cost: dict
+    cost_sweep: dict  # cost.json's k_sweep: {arm: {"points": [{"k", "r", ...}], "fit": {"c", "v"}, "method"}}
     dead_arms: dict[str, str]  # from state.json: arm -> why the runner gave up on it
     # Each task's natural lengths: {task: {"prompt_tokens": [...], "ref_tokens": [...]}} (see _dataset_lengths)
     dataset_lengths: dict[str, dict[str, list[int]]]
@@ -338,6 +339,7 @@ def load_run(run_dir: str | Path) -> RunData:
         records=records,
         prompts=prompts,
         cost=_read_json(files.cost, {}).get("arms") or {},
+        cost_sweep=_read_json(files.cost, {}).get("k_sweep") or {},
         dead_arms=_read_json(files.state, {}).get("dead_arms") or {},
         dataset_lengths=dataset_lengths,
         dataset_lengths_source=dataset_source,

@@ -581,6 +581,7 @@ class CostCell(Section):
 @dataclass(frozen=True)
 class KSweep(Section):
     arms: list[str]
+    source: str  # served arms, or the timed K sweep of cost.json
     gammas: list[int]
     r: list[float]
     c: float

@@ -203,10 +203,21 @@ class DrafterConfig(StrictModel):
 class CostConfig(StrictModel):
     """Measuring the draft/target cost ratio c (specdrift/cost.py): each draft
     model is served alone and timed against the baseline on `prompts` eval
-    prompts, `max_tokens` output tokens each. prompts: 0 skips it."""
+    prompts, `max_tokens` output tokens each. prompts: 0 skips it (the K sweep too)."""
 
     prompts: int = Field(default=8, ge=0)
     max_tokens: int = Field(default=32, ge=4)
+    # The K sweep: each of `sweep_arms` (speculative arms) served again at every K
+    # in `k_sweep` and timed against the baseline, for r = gamma c + v. Empty: none.
+    k_sweep: list[int] = Field(default_factory=list)
+    sweep_arms: list[str] = Field(default_factory=list)
+
+    @field_validator("k_sweep")
+    @classmethod
+    def _sweep_ks(cls, value: list[int]) -> list[int]:
+        if any(k < 1 or k > 16 for k in value):
+            raise ValueError("cost.k_sweep must list speculative lengths between 1 and 16")
+        return sorted(set(value))
 
 
 class ReplayConfig(StrictModel):
@@ -297,6 +308,10 @@ class ExperimentConfig(StrictModel):
         for d in self.drafters:
             if d.init != "target" and d.init not in drafter_names:
                 raise ValueError(f"drafter {d.name!r} starts from {d.init!r}, which is neither 'target' nor a drafter")
+        for name in self.cost.sweep_arms:
+            arm = next((a for a in self.arms if a.name == name), None)
+            if arm is None or arm.speculative is None or arm.speculative.method == "ngram":
+                raise ValueError(f"cost.sweep_arms: {name!r} is not a draft-model arm of this config")
         return self
 
     # --- resolved locations -------------------------------------------------

@@ -14,6 +14,15 @@ servers directly, not through the gateway, so they leave no records.
 Inside speculative decoding vLLM runs the drafter within the target's engine
 step, so this c measures the drafter's own step, not the extra bookkeeping of a
 speculative step; the report sets it beside the estimate from the records.
+
+The K sweep (`cost.k_sweep`, for `cost.sweep_arms`): the arm's own speculative
+config served at each K and timed against the baseline the same way, each
+request forced to `max_tokens`. Per prompt the step-cost ratio is
+r = (TPOT_spec / TPOT_base) x tokens per decode step, the tokens per step
+from vLLM's per-request counts ((N - 1) / (N - 1 - accepted)); the median r
+at each K, and the least-squares line r = gamma c + v through them, go to
+cost.json's `k_sweep`: c is the drafter's cost per drafted token, v the rest
+of a speculative step.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import statistics
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from core.arms import HOST, launch_arm
 from core.config import ArmConfig, ExperimentConfig
@@ -74,11 +84,71 @@ def time_pair(draft_url: str, draft_model: str, base_url: str, base_model: str, 
             "n": len(rows)}
 
 
+def time_speculative_pair(spec_url: str, spec_model: str, base_url: str, base_model: str, rows: list[dict],
+                          max_tokens: int) -> dict:
+    """Alternate a speculative arm and the baseline over `rows`; the step-cost ratio r per prompt."""
+    ratios, tokens_per_step, speedups = [], [], []
+    with httpx.Client(timeout=httpx.Timeout(120.0, connect=5.0)) as client:
+        def streamed(url, model, messages, tokens):
+            return stream_chat(client, url, {"model": model, "messages": messages, "max_tokens": tokens,
+                                             "temperature": 0.0, "ignore_eos": True})
+        streamed(spec_url, spec_model, rows[0]["messages"], 4)
+        streamed(base_url, base_model, rows[0]["messages"], 4)
+        order = [(spec_url, spec_model), (base_url, base_model)]
+        for i, row in enumerate(rows):
+            timed = {url: streamed(url, model, row["messages"], max_tokens)
+                     for url, model in (order if i % 2 == 0 else order[::-1])}
+            spec, base = timed[spec_url], timed[base_url]
+            if spec.tpot_s is None or base.tpot_s is None:
+                raise RuntimeError(f"{spec_url}: too few tokens streamed to time a decode step")
+            decode_tokens = spec.tokens - 1
+            accepted = min(int((spec.spec or {}).get("num_accepted_draft_tokens", 0)), decode_tokens - 1)
+            per_step = decode_tokens / (decode_tokens - accepted)
+            ratios.append(spec.tpot_s / base.tpot_s * per_step)
+            tokens_per_step.append(per_step)
+            speedups.append(base.tpot_s / spec.tpot_s)
+    return {"r": round(statistics.median(ratios), 4), "tokens_per_step": round(statistics.median(tokens_per_step), 4),
+            "speedup": round(statistics.median(speedups), 4), "n": len(rows)}
+
+
+def fit_step_cost(points: list[dict]) -> dict | None:
+    """Least squares r = gamma c + v through the sweep's (K, median r) points."""
+    ks = [p["k"] for p in points]
+    if len(set(ks)) < 2:
+        return None
+    c, v = np.polyfit(np.array(ks, float), np.array([p["r"] for p in points], float), 1)
+    return {"c": round(float(c), 4), "v": round(float(v), 4)}
+
+
+def sweep_step_costs(config: ExperimentConfig, name: str, base_url: str, rows: list[dict], log_dir: Path,
+                     progress=print) -> dict:
+    """The arm's speculative config served at every K of `cost.k_sweep` and timed against the baseline."""
+    arm = config.arm(name)
+    points = []
+    for k in config.cost.k_sweep:
+        spec = arm.speculative.model_copy(update={"num_speculative_tokens": k})
+        timer = ArmConfig(name=f"{name}-k{k}", speculative=spec, engine_args=arm.engine_args)
+        progress(f"cost {name}: K sweep, serving it at K = {k} to time it against {config.baseline_arm}")
+        with ProcessStack() as stack:
+            running = launch_arm(config, timer, free_port(HOST, config.ports.arms_from), log_dir, stack)
+            point = {"k": k, **time_speculative_pair(running.url, timer.name, base_url, config.baseline_arm, rows,
+                                                    config.cost.max_tokens)}
+        points.append(point)
+        progress(f"cost {name}: K = {k}: r = {point['r']} ({point['tokens_per_step']} tokens per step, "
+                 f"TPOT speed-up {point['speedup']}, {point['n']} prompts)")
+    fit = fit_step_cost(points)
+    return {"points": points, "fit": fit,
+            "method": f"median over {len(rows)} eval prompts of r = TPOT_spec / TPOT_base x tokens per decode step, "
+                      f"{config.cost.max_tokens} forced output tokens, the arm at each K and the baseline "
+                      f"alternating; r = gamma c + v by least squares over K"}
+
+
 def measure_costs(config: ExperimentConfig, arm_names: list[str], base_url: str, eval_rows: list[dict],
                   cost_path: Path, log_dir: Path, progress=print) -> dict:
     """Measure c for each arm in `arm_names` that drafts with a model and is not
     in cost.json yet; cost.json is rewritten after each arm. Returns its arms."""
-    measured = json.loads(cost_path.read_text())["arms"] if cost_path.exists() else {}
+    saved = json.loads(cost_path.read_text()) if cost_path.exists() else {}
+    measured, sweeps = saved.get("arms", {}), saved.get("k_sweep", {})
     n = min(config.cost.prompts, len(eval_rows))
     rows = [eval_rows[i * len(eval_rows) // n] for i in range(n)]  # spread over tasks and strata
     if not rows:
@@ -100,7 +170,23 @@ def measure_costs(config: ExperimentConfig, arm_names: list[str], base_url: str,
             progress(f"cost {name}: not measured ({str(err).splitlines()[0]}); the report estimates c from the records")
             continue
         measured[name] = figures
-        cost_path.write_text(json.dumps({"arms": measured}, indent=1) + "\n")
+        _save(cost_path, measured, sweeps)
         progress(f"cost {name}: c = {figures['c']} (draft step {figures['draft_step_s'] * 1000:.1f} ms, "
                  f"target step {figures['target_step_s'] * 1000:.1f} ms, {figures['n']} prompts)")
+    for name in config.cost.sweep_arms if config.cost.k_sweep else []:
+        if name in sweeps or name not in arm_names:
+            continue
+        try:
+            sweeps[name] = sweep_step_costs(config, name, base_url, rows, log_dir, progress)
+        except (StartupError, RuntimeError, httpx.HTTPError) as err:
+            progress(f"cost {name}: K sweep not measured ({str(err).splitlines()[0]})")
+            continue
+        _save(cost_path, measured, sweeps)
+        fit = sweeps[name]["fit"]
+        if fit:
+            progress(f"cost {name}: K sweep r = gamma c + v: c = {fit['c']}, v = {fit['v']}")
     return measured
+
+
+def _save(cost_path: Path, measured: dict, sweeps: dict) -> None:
+    cost_path.write_text(json.dumps({"arms": measured, "k_sweep": sweeps}, indent=1) + "\n")

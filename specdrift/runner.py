@@ -27,7 +27,7 @@ Run directory (`runs/<run id>/`):
 | `workload.jsonl` (+ `.build.json`, `.summary.md`, `.lengths.png`) | the prompts, with split and stratum; the build report |
 | `workload.replay.jsonl`, `replay/` | the replay's prompts; the target's outputs, each drafter's matches, what was replayed |
 | `records.sqlite` | one row per request (the gateway's records) |
-| `cost.json` | the measured draft/target cost ratio c per draft-model arm |
+| `cost.json` | the measured draft/target cost ratio c per draft-model arm, and the K sweep of `cost.sweep_arms` (r per K, r = γc + v) |
 | `locust/<regime>_*.csv` | Locust's own statistics per regime |
 | `logs/` | one log per arm, the gateway, Prometheus, each Locust regime and each target-response generation |
 | `drafters/<name>/drafter_card.json` | what each drafter learned from |

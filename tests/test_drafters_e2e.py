@@ -74,6 +74,7 @@ def test_the_runner_measures_the_drafters_cost_ratio_against_the_baseline(drafte
                                                                             tmp_path):
     config = drafted_config.model_copy(deep=True)
     config.cost.prompts, config.cost.max_tokens = 3, 16
+    config.cost.k_sweep, config.cost.sweep_arms = [1, 3], ["drafted"]
     distill(config, "generic", workload_rows, fingerprint(config), tmp_path)  # reused from the test above
     eval_rows = [r for r in workload_rows if r["split"] == "eval"]
     cost_path = tmp_path / "cost.json"
@@ -86,5 +87,14 @@ def test_the_runner_measures_the_drafters_cost_ratio_against_the_baseline(drafte
     # A 1-layer drafter with a 4k-token head decodes faster than the 30-layer target.
     assert 0 < figures["draft_step_s"] < figures["target_step_s"]
     assert 0 < figures["c"] < 1
-    assert json.loads(cost_path.read_text()) == {"arms": measured}
+    saved = json.loads(cost_path.read_text())
+    assert saved["arms"] == measured
     assert (tmp_path / "arm-drafted-draft-alone.log").exists()
+    # The K sweep: the arm served again at K = 1 and 3, timed against the baseline.
+    sweep = saved["k_sweep"]["drafted"]
+    assert [p["k"] for p in sweep["points"]] == [1, 3], lines
+    for point in sweep["points"]:
+        assert point["n"] == 3 and point["tokens_per_step"] >= 1 and point["speedup"] > 0
+        assert point["r"] == pytest.approx(point["tokens_per_step"] / point["speedup"], rel=0.5)
+    assert sweep["fit"]["c"] == pytest.approx((sweep["points"][1]["r"] - sweep["points"][0]["r"]) / 2, abs=1e-3)
+    assert (tmp_path / "arm-drafted-k3.log").exists()

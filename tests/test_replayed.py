@@ -339,3 +339,16 @@ def test_the_replay_per_prompt_is_written_beside_the_report_and_sums_to_the_tabl
             assert len(mine) == row["n"]
             assert sum(p["accepted"] for p in mine) == row["accepted_tokens"]
             assert sum(p["drafts"] for p in mine) == row["drafts"]
+
+
+def test_a_timed_k_sweep_in_cost_json_is_fitted_and_named(tmp_path):
+    run_dir = write_synthetic_run(tmp_path / "run", replay=True, dtype="float32")
+    cost = json.loads((run_dir / "cost.json").read_text()) if (run_dir / "cost.json").exists() else {"arms": {}}
+    cost["k_sweep"] = {"generic": {"points": [{"k": 1, "r": 1.35, "n": 8}, {"k": 3, "r": 1.65, "n": 8}],
+                                   "fit": {"c": 0.15, "v": 1.2}, "method": "test"}}
+    (run_dir / "cost.json").write_text(json.dumps(cost))
+    model = compute_results(load_run(run_dir))["replay"]["cost_model"]
+    sweep = model["k_sweep"]["generic"]
+    assert sweep["source"] == "timed K sweep (cost.json)" and sweep["gammas"] == [1, 3]
+    assert sweep["c"] == pytest.approx(0.15) and sweep["v"] == pytest.approx(1.2)
+    assert "none was run" not in model["assumption"]

@@ -122,3 +122,19 @@ def test_environment_records_the_files_and_the_run_keeps_each_drafter_s_card(tmp
     assert set(env["drafters"]["generic"]["files"]) == {"model.safetensors", "drafter_card.json"}
     assert set(env["target"]["files"]) == {"config.json"}
     assert json.loads(run.drafter_card("generic").read_text()) == {"name": "generic"}
+
+
+def test_the_k_sweep_names_draft_model_arms_and_valid_lengths(tmp_path):
+    from core.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="cost.k_sweep"):
+        config(tmp_path, cost={"k_sweep": [0]})
+    with pytest.raises((ConfigError, ValueError), match="cost.sweep_arms"):
+        config(tmp_path, cost={"k_sweep": [1], "sweep_arms": ["baseline"]})
+
+
+def test_the_sweep_line_through_two_points_is_exact():
+    from specdrift.cost import fit_step_cost
+
+    assert fit_step_cost([{"k": 1, "r": 1.4}, {"k": 3, "r": 1.8}]) == {"c": 0.2, "v": 1.2}
+    assert fit_step_cost([{"k": 2, "r": 1.4}]) is None
