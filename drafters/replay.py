@@ -35,7 +35,7 @@ from core.paths import drafter_dir, target_model_arg
 from drafters.build import expected_hash_of, target_files
 from drafters.card import read_card
 from drafters.data import prompt_ids
-from drafters.responses import Request, generate_responses, prompt_sha
+from drafters.responses import Request, generate_responses, prompt_sha, read_cache
 
 # Tokens generated past each request's budget: vLLM verifies (and counts) the
 # drafts of a request's last step past its stop; K never exceeds this here.
@@ -95,7 +95,7 @@ def drafter_matches(config: ExperimentConfig, name: str, targets: list[dict], pr
         raise FileNotFoundError(f"drafter {name}: no drafter at {directory}; run `specdrift prepare --config ...`")
     cache = config.cache_path / "drafters" / config.target.name / "replay" / (
         f"{card['inputs_hash'][:16]}-{config.target.dtype}.jsonl")
-    cached = _read_lines(cache)
+    cached = read_cache(cache)
     todo = [t for t in targets if cached.get(t["id"], {}).get("key") != _target_key(t)]
     if todo:
         tokens = sum(len(t["prompt_ids"]) + len(t["output_ids"]) for t in todo)
@@ -110,20 +110,6 @@ def drafter_matches(config: ExperimentConfig, name: str, targets: list[dict], pr
         progress(f"drafter {name}: matches for all {len(targets)} prompts cached in {cache}")
     return [{"drafter": name, "id": t["id"], "match": cached[t["id"]]["match"],
              "in_vocab": cached[t["id"]]["in_vocab"]} for t in targets]
-
-
-def _read_lines(path: Path) -> dict[str, dict]:
-    """Cached lines by id; a torn last line (killed run) is skipped."""
-    lines: dict[str, dict] = {}
-    if path.exists():
-        with open(path) as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                lines[entry["id"]] = entry
-    return lines
 
 
 def teacher_forced(config: ExperimentConfig, directory: Path, targets: list[dict], progress=print):

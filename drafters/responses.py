@@ -59,7 +59,7 @@ def prompt_sha(prompt_ids: list[int]) -> str:
 
 
 def read_cache(path: Path) -> dict[str, dict]:
-    """Cached responses by id; a torn last line (killed run) is skipped."""
+    """Cached lines (responses, or the replay's matches) by id; a torn last line (killed run) is skipped."""
     cached: dict[str, dict] = {}
     if not path.exists():
         return cached

@@ -320,12 +320,7 @@ def replay_experiment(config: ExperimentConfig, out: Path | None = None, drafter
         write_environment(config, run, drafters_used(config, arms))
     progress("== acceptance replay")
     replay_inputs(config, run, arms, run.logs, progress)
-    progress("== report")
-    try:
-        write_report(run.root)
-    except RunDirError as err:
-        raise RunError(f"no report: {err}") from None
-    progress(f"replay done in {format_eta(time.monotonic() - started)}: {run.root / 'report.md'}")
+    report_into(run, f"replay done in {format_eta(time.monotonic() - started)}", progress)
     return run.root
 
 
@@ -368,10 +363,14 @@ def run_experiment(config: ExperimentConfig, out: Path | None = None, resume: bo
             measure_costs(config, [n for n in arm_children if n not in state.dead_arms],
                           upstreams[config.baseline_arm][0], eval_rows, run.cost, run.logs, progress)
 
+    report_into(run, f"done in {format_eta(time.monotonic() - started)}", progress)
+    return run.root
+
+
+def report_into(run: RunFiles, done: str, progress=print) -> None:
     progress("== report")
     try:
         write_report(run.root)
     except RunDirError as err:
         raise RunError(f"no report: {err}") from None
-    progress(f"done in {format_eta(time.monotonic() - started)}: {run.root / 'report.md'}")
-    return run.root
+    progress(f"{done}: {run.root / 'report.md'}")
