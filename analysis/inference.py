@@ -94,8 +94,7 @@ def length_shift(prompt_tokens, mixture) -> np.ndarray | None:
 def _t_interval(value: float, se: float, df: float) -> list[float] | None:
     if not (math.isfinite(value) and math.isfinite(se)) or df < 1:
         return None
-    half = float(sps.t.ppf(1 - ALPHA / 2, df)) * se
-    return [value - half, value + half]
+    return stats.t_interval(value, se, df)
 
 
 def _estimate(model: str, value: float, se: float, df: float, n: int, fallback: str | None = None,

@@ -28,9 +28,8 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
-from analysis import acceptance, chain, inference, stats
+from analysis import acceptance, chain, inference, stats, text
 from analysis.cells import ALL
 from analysis.rundir import RunData, finetune_pairs, scopes, select
 from analysis.schema import ArmInfo, Results
@@ -229,8 +228,7 @@ def delta_t_interval(estimate: float, influence: np.ndarray) -> list[float]:
     """estimate ± t_(n-1) se, se from the linearised (delta-method) influence of each unit."""
     n = influence.size
     se = math.sqrt(float((influence ** 2).sum()) * n / (n - 1))
-    half = float(sps.t.ppf(1 - (1 - stats.LEVEL) / 2, n - 1)) * se
-    return [estimate - half, estimate + half]
+    return stats.t_interval(estimate, se, n - 1)
 
 
 def log_delta_t_interval(estimate: float, influence: np.ndarray) -> list[float]:
@@ -305,8 +303,7 @@ def stratified_mean(groups: list[tuple[float, np.ndarray]]) -> tuple[float | Non
     if variance <= 0:
         return float(mean), [float(mean), float(mean)]
     df = variance ** 2 / sum(p ** 2 / d for p, d in zip(parts, dfs) if p > 0)
-    half = float(sps.t.ppf(1 - (1 - stats.LEVEL) / 2, df)) * math.sqrt(variance)
-    return float(mean), [float(mean - half), float(mean + half)]
+    return float(mean), stats.t_interval(float(mean), math.sqrt(variance), df)
 
 
 def _collapse_singletons(groups: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -722,14 +719,6 @@ def compute_replay(run: RunData, speed: dict, accept: dict, baseline_self: dict 
 
 # --- the summary's replay lines -------------------------------------------------------------------------------
 
-def _num(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _ci(interval, digits: int = 3) -> str:
-    return "" if not interval else f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
-
-
 def summary_lines(results: Results) -> list[str]:
     """The summary's first lines: the replayed acceptance, the fine-tuned/generic
     answer and the validation verdicts (each sentence from results.json by a stated rule)."""
@@ -743,13 +732,13 @@ def summary_lines(results: Results) -> list[str]:
                     and r.stratum == ALL), None)
         if row is None:
             continue
-        line = (f"{arm} (replay, {row.n} prompts, K = {row.k}): τ = {_num(row.tau)}{_ci(row.tau_ci)}, "
-                f"{_num(row.tokens_per_step)} tokens per decode step ({row.weights}).")
+        line = (f"{arm} (replay, {row.n} prompts, K = {row.k}): τ = {text.with_ci(row.tau, row.tau_ci)}, "
+                f"{text.num(row.tokens_per_step)} tokens per decode step ({row.weights}).")
         check = validation.get(arm)
         if check and check.n:
             line += (f" Against served vLLM ({check.n} prompts): {check.verdict}; accepted count exact on "
-                     f"{check.accepted_exact.count}/{check.n}, τ served {_num(check.tau_served)} vs replayed "
-                     f"{_num(check.tau_replayed)} (gap {_num(check.gap)}{_ci(check.gap_ci)}).")
+                     f"{check.accepted_exact.count}/{check.n}, τ served {text.num(check.tau_served)} vs replayed "
+                     f"{text.num(check.tau_replayed)} (gap {text.with_ci(check.gap, check.gap_ci)}).")
         else:
             line += " Not validated: no sequentially served request of this arm was replayed."
         lines.append(line)
@@ -766,7 +755,7 @@ def summary_lines(results: Results) -> list[str]:
                 word = "not distinguishable from equal τ"
             small = f" (small sample: {row.n} prompts)" if row.small_n else ""
             lines.append(f"{entry.finetuned_arm} against {entry.generic_arm} on {row.task} (replay, K = {row.k}): "
-                         f"τ ratio {_num(row.ratio)}{_ci(row.ratio_ci)} over {row.n} prompts: {word}{small}.")
+                         f"τ ratio {text.with_ci(row.ratio, row.ratio_ci)} over {row.n} prompts: {word}{small}.")
     lines.append("Projected speed-ups in the replay section are projections from replayed τ and a step-cost "
                  "ratio, not measurements; GPU speed claims come only from GPU runs.")
     return lines

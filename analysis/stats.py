@@ -39,6 +39,12 @@ def expanded_tail(n: int, level: float = LEVEL) -> float:
     return float(sps.norm.cdf(-math.sqrt(n / (n - 1)) * t))
 
 
+def t_interval(value: float, se: float, df: float, level: float = LEVEL) -> list[float]:
+    """value ± t_df se: the small-sample interval every t-based estimate here uses."""
+    half = float(sps.t.ppf(1 - (1 - level) / 2, df)) * se
+    return [value - half, value + half]
+
+
 def bootstrap_ci(statistic: Callable[[np.ndarray], np.ndarray], n: int, seed: int,
                  resamples: int = RESAMPLES, level: float = LEVEL) -> tuple[float, float] | None:
     """Expanded percentile interval of `statistic`, which maps a (resamples, n) matrix of
