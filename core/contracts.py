@@ -177,6 +177,19 @@ def read_workload(path: str | Path, split: str | None = None) -> list[dict]:
     return rows
 
 
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    """Rows as JSON Lines, written whole or not at all (a temporary file, then renamed):
+    the workload file, its replay set and the replay's files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def workload_sidecar(path: str | Path, kind: str) -> Path:
     """workload.jsonl -> workload.<kind> (build.json, summary.md, lengths.png, replay.jsonl)."""
     path = Path(path)

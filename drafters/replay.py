@@ -30,7 +30,7 @@ from pathlib import Path
 
 from core.arms import vllm_env
 from core.config import ExperimentConfig
-from core.contracts import RunFiles, read_workload, token_ids_hash
+from core.contracts import RunFiles, read_workload, token_ids_hash, write_jsonl
 from core.paths import drafter_dir, target_model_arg
 from drafters.build import expected_hash_of, target_files
 from drafters.card import read_card
@@ -120,7 +120,7 @@ def teacher_forced(config: ExperimentConfig, directory: Path, targets: list[dict
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its import-time lines are not our progress
     logging.getLogger("vllm").setLevel(logging.ERROR)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
     from vllm.tokenizers.registry import get_tokenizer
     from vllm.v1.spec_decode.vocab_mapping import VocabMapping
@@ -132,9 +132,7 @@ def teacher_forced(config: ExperimentConfig, directory: Path, targets: list[dict
     device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU host's drafter pass runs on its GPU
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
     target_path = target_model_arg(config)
-    target_vocab = AutoTokenizer.from_pretrained(target_path)
-    target_vocab_size = json.loads((Path(target_path) / "config.json").read_text())["vocab_size"] \
-        if Path(target_path).is_dir() else len(target_vocab)
+    target_vocab_size = AutoConfig.from_pretrained(target_path).vocab_size  # as vLLM's get_vocab_size reads it
     draft_vocab_size = model.config.vocab_size
     mapping = None
     if draft_vocab_size != target_vocab_size:
@@ -202,7 +200,7 @@ def replay_inputs(config: ExperimentConfig, run: RunFiles, arm_names: list[str],
     info = {"dtype": config.target.dtype, "k": config.replay.k, "max_model_len": config.target.max_model_len,
             "extend": extension(config),
             "targets": {"prompts": len(targets), "seconds": round(time.monotonic() - started, 1)}, "drafters": {}}
-    _write_lines(run.replay_targets, targets)
+    write_jsonl(run.replay_targets, targets)
     lines = []
     for name in replayed_drafters(config, arm_names):
         began = time.monotonic()
@@ -211,14 +209,6 @@ def replay_inputs(config: ExperimentConfig, run: RunFiles, arm_names: list[str],
         info["drafters"][name] = {"inputs_hash": card.get("inputs_hash"),
                                   "vocab_size": card.get("shape", {}).get("vocab_size"),
                                   "seconds": round(time.monotonic() - began, 1)}
-    _write_lines(run.replay_matches, lines)
+    write_jsonl(run.replay_matches, lines)
     run.replay_info.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     return info
-
-
-def _write_lines(path: Path, lines: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
-    tmp.replace(path)

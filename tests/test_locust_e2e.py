@@ -28,7 +28,8 @@ def e2e_requests(csv_prefix: Path) -> tuple[int, int]:
 
 
 def test_master_and_two_workers_through_the_gateway(cpu_config, real_arms, target_dir, data_dir, tmp_path):
-    from workload.builder import build, tag_vocabulary, write_workload
+    from core.contracts import write_jsonl
+    from workload.builder import build, tag_vocabulary
     from service.launch import start_gateway
     from core.contracts import read_records
 
@@ -40,7 +41,7 @@ def test_master_and_two_workers_through_the_gateway(cpu_config, real_arms, targe
     config.workload.controls = []
     config.workload.n_per_cell = 2
     rows = build(config).rows
-    workload = write_workload(rows, tmp_path / "workload.jsonl")
+    workload = write_jsonl(tmp_path / "workload.jsonl", rows)
     rows_by_id = {r["id"]: r for r in rows}
     arms = sorted(real_arms)
     records_path = tmp_path / "records.sqlite"

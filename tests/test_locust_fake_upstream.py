@@ -118,13 +118,14 @@ class FakeUpstream:
 @pytest.fixture(scope="module")
 def workload(default_config, data_dir, target_dir, tmp_path_factory):
     """A small real workload: GSM8K and NQ-open prompts, eval split."""
-    from workload.builder import build, write_workload
+    from core.contracts import write_jsonl
+    from workload.builder import build
 
     config = default_config.model_copy(deep=True)
     config.workload.datasets = [DatasetSpec(adapter="gsm8k", limit=80), DatasetSpec(adapter="nq_open", limit=80)]
     config.workload.controls = []
     config.workload.n_per_cell = 6
-    return write_workload(build(config).rows, tmp_path_factory.mktemp("workload") / "workload.jsonl")
+    return write_jsonl(tmp_path_factory.mktemp("workload") / "workload.jsonl", build(config).rows)
 
 
 def e2e_requests(csv_prefix: Path) -> int:

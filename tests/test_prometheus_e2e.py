@@ -72,7 +72,8 @@ def e2e_config(cpu_config):
 @pytest.fixture(scope="module")
 def observed(real_arms, e2e_config, stack, tmp_path_factory, data_dir):
     """Gateway + Prometheus up, the load replayed; returns the Prometheus URL."""
-    from workload.builder import build, tag_vocabulary, write_workload
+    from core.contracts import write_jsonl
+    from workload.builder import build, tag_vocabulary
     from service.launch import start_gateway
     from specdrift.prometheus import scrape_config
 
@@ -91,7 +92,7 @@ def observed(real_arms, e2e_config, stack, tmp_path_factory, data_dir):
     wait_healthy(prometheus, url + "/-/ready", timeout_s=60)
     time.sleep(2 * SCRAPE_S)  # counters are seen before the load moves them
 
-    workload = write_workload(build(e2e_config).rows, folder / "workload.jsonl")
+    workload = write_jsonl(folder / "workload.jsonl", build(e2e_config).rows)
     locust = subprocess.run([
         sys.executable, "-m", "locust", "-f", str(REPO / "loadgen" / "locustfile.py"), "--headless", "--only-summary",
         "--host", gateway, "--workload", str(workload), "--arms", ",".join(real_arms), "--run-id", RUN_ID,

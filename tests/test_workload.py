@@ -11,11 +11,11 @@ import pytest
 from scipy import stats
 
 from core.config import DatasetSpec, LengthControl
-from core.contracts import read_workload
+from core.contracts import read_workload, write_jsonl
 from core.contracts import workload_sidecar as sidecar
 from specdrift.cli import main
 from workload import strata
-from workload.builder import build, fingerprint, tag_vocabulary, write_workload
+from workload.builder import build, fingerprint, tag_vocabulary
 from workload.lengths import PromptTokenizer
 from workload.sampling import length_matched, split_of
 
@@ -125,7 +125,7 @@ def test_splits_are_disjoint_by_prompt_and_by_group(built, default_config):
 
 def test_same_seed_same_file_other_seed_other_split(default_config, data_dir, tokenizer, built, tmp_path):
     again = build(small_config(default_config), tokenizer)
-    first, second = write_workload(built.rows, tmp_path / "a.jsonl"), write_workload(again.rows, tmp_path / "b.jsonl")
+    first, second = write_jsonl(tmp_path / "a.jsonl", built.rows), write_jsonl(tmp_path / "b.jsonl", again.rows)
     assert first.read_bytes() == second.read_bytes()
     other = build(small_config(default_config, seed=1), tokenizer)
     split = lambda rows: {r["id"]: r["split"] for r in rows if not r.get("control")}  # noqa: E731
@@ -186,7 +186,7 @@ def test_eval_rows_come_first_and_interleave_tasks(built):
 
 
 def test_workload_file_round_trips_and_filters_by_split(built, tmp_path):
-    path = write_workload(built.rows, tmp_path / "w.jsonl")
+    path = write_jsonl(tmp_path / "w.jsonl", built.rows)
     assert read_workload(path) == built.rows
     assert read_workload(path, split="eval") == eval_rows(built.rows)
 

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.config import ExperimentConfig
-from core.contracts import EVAL, TRAIN, workload_sidecar
+from core.contracts import EVAL, TRAIN, workload_sidecar, write_jsonl
 from core.models import sha256_file
 from core.paths import target_model_arg
 from workload import strata
@@ -280,17 +280,6 @@ def build_workload(config: ExperimentConfig, tokenizer=None) -> list[dict]:
     return build(config, tokenizer).rows
 
 
-def write_workload(rows: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
-
-
 def save_built(built: Built, path: str | Path) -> Path:
     """The workload file and its sidecars: build.json (the build report, which
     the divergence tables read), summary.md and lengths.png."""
@@ -299,5 +288,5 @@ def save_built(built: Built, path: str | Path) -> Path:
     workload_sidecar(path, "build.json").write_text(json.dumps(built.report, indent=1) + "\n")
     workload_sidecar(path, "summary.md").write_text(summary_markdown(built.rows, built.report))
     plot_lengths(built.report, workload_sidecar(path, "lengths.png"))
-    write_workload(built.replay_rows, workload_sidecar(path, "replay.jsonl"))
-    return write_workload(built.rows, path)  # last: its presence means the build is complete
+    write_jsonl(workload_sidecar(path, "replay.jsonl"), built.replay_rows)
+    return write_jsonl(path, built.rows)  # last: its presence means the build is complete
