@@ -33,7 +33,8 @@ def test_shipped_configs_load(path):
         recipe_for(drafter)  # the recipe mapping is validated by the drafters package
 
 
-def test_relative_paths_resolve_against_the_file(tmp_path):
+def test_relative_paths_resolve_against_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPECDRIFT_DATA_DIR", raising=False)  # set for a clone with no ../shared beside it
     config = load_config(write(tmp_path, minimal(cache_dir="cache", workload={"data_dir": "../data"})))
     assert config.cache_path == (tmp_path / "cache").resolve()
     assert config.data_path == (tmp_path.parent / "data").resolve()
