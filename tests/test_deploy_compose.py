@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -36,8 +37,10 @@ STACKS = {
 }
 ARMS = ("baseline", "generic", "finetuned", "ngram")
 PUBLISHING = {"gateway", "grafana", "locust-master"}
+GATEWAYS = {"gpu+replicas": {"gateway", "gateway-r2"}}  # else only `gateway`
 # Left empty in .env.example on purpose: the user must choose them.
-SECRETS = {"GF_ADMIN_PASSWORD": "a-test-password", "GATEWAY_TOKEN": "a-test-token"}
+SECRETS = {"GF_ADMIN_PASSWORD": "a-test-password", "GATEWAY_TOKEN": "a-test-token",
+           "POSTGRES_PASSWORD": "a-test-db-password"}
 
 
 # --- a small model of Compose: .env, interpolation, override tags, merging ---------
@@ -268,12 +271,13 @@ def test_every_variable_is_documented_in_env_example():
     assert documented - used == set(), "variables in deploy/.env.example that no compose file reads"
 
 
-def assert_required_without_default(example_env: dict, variable: str) -> None:
+def assert_required_without_default(example_env: dict, variable: str,
+                                     files: tuple[Path, ...] = (BASE,)) -> None:
     """The example leaves `variable` empty, and the stack refuses to start without it."""
     assert read_env_file(DEPLOY / ".env.example")[variable] == ""
     env = {k: v for k, v in example_env.items() if k != variable}
     with pytest.raises(InterpolationError, match=variable):
-        compose_model([BASE], env)
+        compose_model(list(files), env)
 
 
 def test_grafana_password_has_no_default(example_env):
@@ -304,7 +308,7 @@ def test_gateway_token_has_no_default_and_guards_gateway_metrics_and_locust(exam
 def test_only_gateway_grafana_and_locust_publish_ports_on_loopback(name, example_env):
     _, services = stack(name, example_env)
     publishing = {n for n, s in services.items() if s.get("ports")}
-    assert publishing == PUBLISHING
+    assert publishing == PUBLISHING | GATEWAYS.get(name, set())
     for service_name in publishing:
         for port in services[service_name]["ports"]:
             assert port.startswith("127.0.0.1:"), f"{service_name} publishes {port} beyond loopback by default"
@@ -386,6 +390,43 @@ def test_replicas_stack_sends_every_arm_to_all_its_replicas(example_env):
         replicas.setdefault(arm_of(service_name), []).append(f"http://{service_name}:8000")
     for arm, urls in replicas.items():
         assert sorted(upstreams[arm]) == sorted(urls)
+
+
+def test_replica_gateways_share_one_postgres_store_without_a_default_password(example_env):
+    assert_required_without_default(example_env, "POSTGRES_PASSWORD", (BASE, REPLICAS))
+    project, services = stack("gpu+replicas", example_env)
+    postgres = services["postgres"]
+    assert postgres["image"].startswith("postgres:")
+    assert postgres["environment"]["POSTGRES_PASSWORD"] == SECRETS["POSTGRES_PASSWORD"]
+    (data_volume,) = postgres["volumes"]
+    assert data_volume.split(":") == [data_volume.split(":")[0], "/var/lib/postgresql/data"]
+    assert data_volume.split(":")[0] in project["volumes"]
+    gateways = {name: services[name] for name in GATEWAYS["gpu+replicas"]}
+    stores, replicas = set(), set()
+    for name, gateway in gateways.items():
+        url = urlsplit(flag(gateway["command"], "records"))
+        assert url.scheme == "postgresql" and url.password is None, f"{name}: the password belongs in PGPASSWORD"
+        assert (url.hostname, url.port, url.username) == ("postgres", 5432, postgres["environment"]["POSTGRES_USER"])
+        assert url.path == "/" + postgres["environment"]["POSTGRES_DB"]
+        assert gateway["environment"]["PGPASSWORD"] == SECRETS["POSTGRES_PASSWORD"]
+        assert gateway["depends_on"]["postgres"] == {"condition": "service_healthy"}
+        stores.add(url.geturl())
+        replicas.add(gateway["environment"]["SPECDRIFT_REPLICA"])
+        assert gateway["command"] == gateways["gateway"]["command"], "both replicas serve the same arms"
+    assert len(stores) == 1 and len(replicas) == len(gateways)
+    # Published on different host ports, both loopback by default.
+    host_ports = [port.rsplit(":", 2)[1] for g in gateways.values() for port in g["ports"]]
+    assert len(set(host_ports)) == len(host_ports)
+
+
+def test_every_gateway_in_every_stack_is_scraped_by_prometheus(example_env):
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    (gateway_job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "specdrift-gateway"]
+    names = {n for sd in gateway_job["dns_sd_configs"] for n in sd["names"]}
+    for name in STACKS:
+        _, services = stack(name, example_env)
+        assert GATEWAYS.get(name, {"gateway"}) <= names
+        assert {n for n in services if n.startswith("gateway")} == GATEWAYS.get(name, {"gateway"})
 
 
 # --- the arms' command lines, as vLLM parses them -----------------------------------------

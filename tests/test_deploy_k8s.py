@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -145,3 +146,82 @@ def test_gateway_token_comes_from_a_secret_that_prometheus_sends_too():
     mount = next(m for m in container(prometheus)["volumeMounts"] if m["name"] == volume["name"])
     (job,) = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.k8s.yml").read_text())["scrape_configs"]
     assert job["authorization"]["credentials_file"] == f"{mount['mountPath']}/{secret['key']}"
+
+
+# --- the overlay with gateway replicas (deploy/replicas) --------------------------------
+
+REPLICAS = DEPLOY / "replicas"
+
+
+def apply_json_patch(doc: dict, operations: list[dict]) -> dict:
+    """RFC 6902 `add` and `replace`, the operations the overlay uses, as kustomize applies them."""
+    doc = json.loads(json.dumps(doc))
+    for operation in operations:
+        *parents, last = operation["path"].lstrip("/").split("/")
+        node = doc
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if operation["op"] == "add" and isinstance(node, list):
+            node.insert(len(node) if last == "-" else int(last), operation["value"])
+        elif operation["op"] in ("add", "replace"):
+            if operation["op"] == "replace":
+                assert (int(last) < len(node)) if isinstance(node, list) else last in node, operation["path"]
+            node[int(last) if isinstance(node, list) else last] = operation["value"]
+        else:
+            raise AssertionError(f"unexpected operation {operation['op']}")
+    return doc
+
+
+def overlay_gateway() -> tuple[dict, list[dict]]:
+    kustomization = yaml.safe_load((REPLICAS / "kustomization.yaml").read_text())
+    (patch,) = kustomization["patches"]
+    assert patch["target"] == {"kind": "Deployment", "name": "gateway"}
+    operations = yaml.safe_load((REPLICAS / patch["path"]).read_text())
+    return apply_json_patch(find("Deployment", "gateway"), operations), operations
+
+
+def test_replicas_overlay_builds_on_the_base_and_lists_existing_files():
+    kustomization = yaml.safe_load((REPLICAS / "kustomization.yaml").read_text())
+    assert kustomization["namespace"] == KUSTOMIZATION["namespace"]
+    assert "../" in kustomization["resources"]
+    for resource in kustomization["resources"]:
+        assert (REPLICAS / resource).exists(), resource
+    for doc in yaml.safe_load_all((REPLICAS / "postgres.yaml").read_text()):
+        kubernetes_validate.validate(doc, kubernetes_validate.utils.latest_version(), strict=True)
+
+
+def test_the_patch_helper_refuses_to_replace_what_is_not_there():
+    with pytest.raises(AssertionError):
+        apply_json_patch({"spec": {"volumes": [{"name": "a"}]}},
+                         [{"op": "replace", "path": "/spec/volumes/1", "value": {"name": "b"}}])
+
+
+def test_replicas_overlay_runs_two_gateways_on_one_postgres_with_the_password_from_a_secret():
+    gateway, operations = overlay_gateway()
+    kubernetes_validate.validate(gateway, kubernetes_validate.utils.latest_version(), strict=True)
+    assert gateway["spec"]["replicas"] == 2
+    # Index-based paths: they must still point at what the patch means to change.
+    base_pod = find("Deployment", "gateway")["spec"]["template"]["spec"]
+    replaced = [op["path"] for op in operations if op["op"] == "replace" and "/volumes/" in op["path"]]
+    for path in replaced:
+        assert base_pod["volumes"][int(path.rsplit("/", 1)[1])]["name"] == "records"
+    assert container(find("Deployment", "gateway"))["name"] == "gateway"
+    pod = gateway["spec"]["template"]["spec"]
+    assert all("persistentVolumeClaim" not in v for v in pod["volumes"]), "a ReadWriteOnce claim holds one pod"
+    gateway_container = container(gateway)
+    url = urlsplit(flag(gateway_container["command"], "records"))
+    assert url.scheme == "postgresql" and url.password is None
+    postgres_docs = {d["kind"]: d for d in yaml.safe_load_all((REPLICAS / "postgres.yaml").read_text())}
+    service, statefulset = postgres_docs["Service"], postgres_docs["StatefulSet"]
+    assert (url.hostname, url.port) == (service["metadata"]["name"], service["spec"]["ports"][0]["port"])
+    postgres = container(statefulset)
+    postgres_env = {e["name"]: e for e in postgres["env"]}
+    assert url.username == postgres_env["POSTGRES_USER"]["value"] and url.path == "/" + postgres_env["POSTGRES_DB"]["value"]
+    assert service["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+    env = {e["name"]: e for e in gateway_container["env"]}
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == postgres_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert env["SPECDRIFT_REPLICA"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    (data,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert {m["name"]: m["mountPath"] for m in postgres["volumeMounts"]}[data["metadata"]["name"]] == \
+        "/var/lib/postgresql/data"
+    assert postgres_env["PGDATA"]["value"].startswith("/var/lib/postgresql/data/")
