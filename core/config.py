@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.contracts import regime_label, step_regime
+from core.contracts import check_database_url, regime_label, step_regime
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 
@@ -120,6 +120,18 @@ class GatewayConfig(StrictModel):
     # SQLite file for per-request records; default: <run dir>/records.sqlite,
     # or <cache>/records.sqlite for `specdrift serve`.
     records_path: str | None = None
+    # PostgreSQL instead, shared by every replica (docs/gateway.md, "Records in PostgreSQL"):
+    # postgresql://USER@HOST:PORT/DATABASE, without a password (libpq's PGPASSWORD or PGPASSFILE,
+    # or the variable records_password_env names).
+    records_url: str | None = None
+    records_password_env: str | None = None
+    # Records waiting for an unreachable database past which new requests are refused (503).
+    records_buffer: int = Field(default=10_000, ge=1)
+    # The gateway's PostgreSQL sessions' synchronous_commit. off: a commit returns once the server has it
+    # (it survives the gateway dying, as SQLite's does), without waiting for the WAL's fsync; on: after it.
+    records_synchronous_commit: Literal["on", "off"] = "off"
+    # This gateway's name in the records' `replica` column; unset: $SPECDRIFT_REPLICA, else <hostname>:<pid>.
+    replica: str | None = Field(default=None, min_length=1, max_length=256)
     # 1 MiB: far over any prompt a served context takes, and ~3 ms of parsing at worst.
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_tokens_limit: int = Field(default=4096, ge=1)
@@ -144,6 +156,15 @@ class GatewayConfig(StrictModel):
     metrics_open: bool = False  # /metrics without any token, even with auth on
     # Show upstream URLs and the records path in /health (off: they are internals).
     expose_internals: bool = False
+    # Also export the spec-decode counters under vLLM's names (`vllm:spec_decode_*_total`, label
+    # model_name = arm), which `vllm bench serve` reads at <base-url>/metrics. Off by default: a Prometheus
+    # that scrapes the arms too would see each count twice under those names.
+    vllm_metric_names: bool = False
+
+    @field_validator("records_url")
+    @classmethod
+    def _a_postgres_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_database_url(url)
 
     @model_validator(mode="after")
     def _metrics_guard_is_one_thing(self) -> "GatewayConfig":

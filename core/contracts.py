@@ -15,6 +15,10 @@ import re
 import sqlite3
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg.rows import dict_row
 
 # --- request tags (HTTP headers) -------------------------------------------
 
@@ -28,6 +32,10 @@ TAG_HEADERS = {
 }
 REQUEST_ID_HEADER = "X-Specdrift-Request-Id"
 TAG_VALUE_PATTERN = r"[A-Za-z0-9._:@+-]{1,128}"
+# The client's own id of a request (AIPerf, `vllm bench serve --request-id-prefix`), kept in the record so that
+# a client's per-request figures can be joined to the gateway's. Printable ASCII without spaces.
+CLIENT_REQUEST_ID_HEADER = "x-request-id"
+CLIENT_REQUEST_ID_PATTERN = r"[!-~]{1,200}"
 TAG_MISSING = "none"  # a tag the client did not send
 
 
@@ -58,7 +66,8 @@ RECORDS_TABLE = "requests"
 RECORD_COLUMNS: dict[str, str] = {
     "request_id": "TEXT PRIMARY KEY",
     "run_id": "TEXT", "arm": "TEXT", "task": "TEXT", "stratum": "TEXT", "prompt_id": "TEXT", "regime": "TEXT",
-    "endpoint": "TEXT", "stream": "INTEGER", "upstream": "TEXT",
+    "client_request_id": "TEXT",
+    "endpoint": "TEXT", "stream": "INTEGER", "upstream": "TEXT", "replica": "TEXT",
     "status": "TEXT", "http_status": "INTEGER", "error": "TEXT", "finish_reason": "TEXT",
     "t_start": "REAL", "t_first_token": "REAL", "t_end": "REAL",
     "ttft_s": "REAL", "e2e_s": "REAL", "tpot_s": "REAL",
@@ -75,15 +84,63 @@ def token_ids_hash(token_ids: list[int]) -> str:
     return hashlib.sha256(json.dumps(token_ids, separators=(",", ":")).encode()).hexdigest()
 
 
+DATABASE_URL_PREFIXES = ("postgresql://", "postgres://")
+DATABASE_CONNECT_TIMEOUT_S = 5
+
+
+def is_database_url(store: str | Path | None) -> bool:
+    """A PostgreSQL URL (the shared store), not an SQLite path."""
+    return isinstance(store, str) and store.startswith(DATABASE_URL_PREFIXES)
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error message as one line (libpq's run over several)."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def shown_url(url: str) -> str:
+    """`url` with any password masked, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def check_database_url(url: str) -> str:
+    """`url` if it is a PostgreSQL URL libpq takes and holds no password; else ValueError."""
+    if not is_database_url(url):
+        raise ValueError(f"expected postgresql://USER@HOST:PORT/DATABASE, not {shown_url(url)!r}")
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error as err:
+        raise ValueError(f"{shown_url(url)!r} is not a valid PostgreSQL URL ({one_line(err)})") from None
+    for port in params.get("port", "").split(","):  # libpq parses any port, and fails only when it connects
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"{shown_url(url)!r}: port {port!r} is not a number from 1 to 65535")
+    if "password" in params:
+        raise ValueError("the URL holds a password; give it in PGPASSWORD or a PGPASSFILE, or name the variable "
+                         "that holds it with records_password_env")
+    return url
+
+
+def connect_database(url: str, password: str | None = None, **options) -> psycopg.Connection:
+    """A connection to the shared store (libpq's PGPASSWORD / PGPASSFILE apply when `password` is None)."""
+    return psycopg.connect(url, password=password, connect_timeout=DATABASE_CONNECT_TIMEOUT_S, **options)
+
+
 def _read_only(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
 
 
-def read_records(path: str | Path, run_id: str | None = None) -> list[dict[str, Any]]:
+def read_records(store: str | Path, run_id: str | None = None, password: str | None = None) -> list[dict[str, Any]]:
     """All records (of one run, if given), oldest first, as dicts keyed by
-    column. Read-only: the gateway may be writing meanwhile. A column that an
+    column, from an SQLite path or a PostgreSQL URL (`password`: for the
+    latter). Read-only: the gateway may be writing meanwhile. A column that an
     older store lacks reads as None."""
-    path = Path(path)
+    if is_database_url(store):
+        return _read_database(store, run_id, password)
+    path = Path(store)
     if not path.exists():
         raise FileNotFoundError(f"no record store at {path}")
     conn = _read_only(path)
@@ -97,18 +154,36 @@ def read_records(path: str | Path, run_id: str | None = None) -> list[dict[str, 
     return [{column: row[column] if column in row.keys() else None for column in RECORD_COLUMNS} for row in rows]
 
 
-def count_records(path: str | Path, run_id: str, regime: str) -> tuple[int, int]:
+def _read_database(url: str, run_id: str | None, password: str | None) -> list[dict[str, Any]]:
+    where, params = ("WHERE run_id = %s", (run_id,)) if run_id is not None else ("", ())
+    # Byte order and NULLs first: the order SQLite gives, whatever the database's collation.
+    with connect_database(url, password, row_factory=dict_row) as conn:
+        conn.read_only = True
+        rows = conn.execute(f'SELECT * FROM {RECORDS_TABLE} {where} ORDER BY t_start NULLS FIRST, '
+                            f'request_id COLLATE "C"', params).fetchall()
+    return [{column: row.get(column) for column in RECORD_COLUMNS} for row in rows]
+
+
+def count_records(store: str | Path, run_id: str, regime: str, password: str | None = None) -> tuple[int, int]:
     """(requests recorded, of which not ok) for one run and regime, a sweep's
-    steps included; (0, 0) while the store does not exist or is busy."""
-    path = Path(path)
+    steps included; (0, 0) while the store does not exist, is busy or is
+    unreachable."""
+    query = (f"SELECT COUNT(*), SUM(CASE WHEN status != {{0}} THEN 1 ELSE 0 END) FROM {RECORDS_TABLE} "
+             "WHERE run_id = {0} AND (regime = {0} OR regime LIKE {0})")
+    params = (OK, run_id, regime, regime + STEP_JOIN + "%")
+    if is_database_url(store):
+        try:
+            with connect_database(store, password) as conn:
+                row = conn.execute(query.format("%s"), params).fetchone()
+        except psycopg.Error:
+            return 0, 0
+        return int(row[0] or 0), int(row[1] or 0)
+    path = Path(store)
     if not path.exists():
         return 0, 0
     try:
         with _read_only(path) as conn:
-            row = conn.execute(
-                f"SELECT COUNT(*), SUM(status != ?) FROM {RECORDS_TABLE} "
-                "WHERE run_id = ? AND (regime = ? OR regime LIKE ?)",
-                (OK, run_id, regime, regime + STEP_JOIN + "%")).fetchone()
+            row = conn.execute(query.format("?"), params).fetchone()
     except sqlite3.Error:
         return 0, 0
     return int(row[0] or 0), int(row[1] or 0)

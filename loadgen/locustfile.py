@@ -33,7 +33,7 @@ from gevent.event import AsyncResult
 from locust import LoadTestShape, User, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
-from core.contracts import EVAL, OK, TRAIN, read_records, read_workload, tag_headers
+from core.contracts import EVAL, OK, TRAIN, is_database_url, read_records, read_workload, tag_headers
 from loadgen.shapes import BLOCKS, ROTATE, SHAPES, Scheduler, steps_for
 
 log = logging.getLogger("specdrift.locust")
@@ -92,7 +92,7 @@ def list_arms(host: str) -> list[str]:
 
 def recorded_ok(path: str, run_id: str) -> Counter:
     """(regime, prompt id, arm) -> how many times the gateway recorded it ok."""
-    if not path or not os.path.exists(path):
+    if not path or not (is_database_url(path) or os.path.exists(path)):
         return Counter()
     return Counter((r["regime"], r["prompt_id"], r["arm"]) for r in read_records(path, run_id) if r["status"] == OK)
 

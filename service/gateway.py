@@ -8,6 +8,12 @@ fails (503), the gateway stops as on SIGTERM, and the process exits with
 status 3 so that compose (`restart: unless-stopped`) or Kubernetes starts a
 new one; a timer exits it anyway if that stop takes too long.
 
+The record store is SQLite (`records_path`) or, with `records_url`, the
+PostgreSQL store shared by replicas (service/records_postgres.py). While
+`records_buffer` records wait for an unreachable database, new requests are
+refused with a 503 (`record_store_error`; counted as rejected, reason
+`records_buffer_full`) instead of accepting records that could not be kept.
+
 The upstream client is aiohttp, not httpx: httpcore 1.0's connection pool
 does O(connections²) work per request, which measured 1.6 ms of CPU per
 streamed request at 16 concurrent streams and 3.9 ms at 64, against a flat
@@ -31,8 +37,9 @@ from service.edge import REQUEST_ID_KEY
 from service.errors import GatewayError
 from service.measure import Measurement, RequestInfo
 from service.metrics import GatewayMetrics
-from service.records import RecordStore
-from service.relay import Relay, RelayContext
+from service.records import RecordStore, RecordStoreError, RecordWriter
+from service.records_postgres import PostgresRecordStore
+from service.relay import RECORD_STORE_ERROR, Relay, RelayContext
 from service.schemas import GenerationRequest
 from service.settings import GatewaySettings
 from service.tags import LabelMapper, TagError, parse_tags
@@ -46,17 +53,29 @@ WRITER_STOPPED_EXIT = 3
 WRITER_STOPPED_EXIT_MARGIN_S = 10.0
 
 
+def open_record_store(settings: GatewaySettings, on_failure=None, on_stop=None) -> RecordWriter:
+    """The store the settings name: PostgreSQL with `records_url`, else the SQLite file. A store that cannot be
+    opened raises RecordStoreError, its message one line that starts with the setting."""
+    try:
+        if settings.records_url:
+            return PostgresRecordStore(settings.records_url, settings.records_password(), on_failure, on_stop,
+                                       settings.replica, synchronous_commit=settings.records_synchronous_commit)
+        return RecordStore(settings.records_path, on_failure, on_stop, settings.replica)
+    except RecordStoreError as err:
+        raise RecordStoreError(f"gateway.{'records_url' if settings.records_url else 'records_path'}: {err}") from None
+
+
 class Gateway:
     """Per-process state: the arms, the shared upstream client, the store and the metrics."""
 
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
         self.arms: dict[str, Upstream] = build_upstreams(settings.upstreams)
-        self.metrics = GatewayMetrics(list(self.arms))
+        self.metrics = GatewayMetrics(list(self.arms), vllm_names=settings.vllm_metric_names)
         self.labels = LabelMapper(settings.vocabulary)
         self.token = settings.auth_token()
         # Both set by serving(), for the app's lifetime.
-        self.store: RecordStore | None = None
+        self.store: RecordWriter | None = None
         self.relay_context: RelayContext | None = None
         self.writer_stopped = False
 
@@ -71,8 +90,9 @@ class Gateway:
         """The app's lifespan: open the store and the upstream client, and on
         the way out give cancelled requests a moment to record themselves."""
         settings = self.settings
-        self.store = RecordStore(settings.records_path, on_failure=self.metrics.count_write_failure,
-                                 on_stop=self._on_writer_stopped)
+        self.store = open_record_store(settings, on_failure=self.metrics.count_write_failure,
+                                       on_stop=self._on_writer_stopped)
+        self.metrics.records_buffered.set_function(self.store.backlog)
         # sock_read bounds the silence between two reads, not the whole stream.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
                                         sock_read=settings.read_timeout_s)
@@ -85,7 +105,8 @@ class Gateway:
             self.relay_context = RelayContext(client, self.store, self.metrics, settings.read_timeout_s,
                                               settings.expose_internals)
             discovery = asyncio.create_task(self.discover_served_models(client))
-            log.info("gateway: arms %s; records in %s", ", ".join(self.arms), settings.records_path)
+            log.info("gateway: arms %s; records in %s (replica %s)", ", ".join(self.arms), self.store.where,
+                     self.store.replica)
             try:
                 yield
             finally:
@@ -113,6 +134,10 @@ class Gateway:
 
     def accept(self, request: Request, body: GenerationRequest, endpoint: str) -> Relay:
         """Check an incoming request and turn it into a relay to its arm."""
+        if self.store.backlog() >= self.settings.records_buffer:
+            raise GatewayError(503, f"the record store is unreachable and {self.store.backlog()} records wait for "
+                               f"it; retry later", reason="records_buffer_full", error_type=RECORD_STORE_ERROR,
+                               headers={"Retry-After": "1"})
         try:
             tags = parse_tags(request.headers)
         except TagError as err:

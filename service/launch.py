@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from core.config import ExperimentConfig
+from core.contracts import shown_url
 from core.processes import ProcessStack, StartupError, free_port, port_in_use, start_child, wait_healthy
 from service.settings import settings_from_config
 
@@ -40,7 +41,8 @@ def start_gateway(config: ExperimentConfig, upstreams: dict[str, list[str]], log
     try:
         settings = settings_from_config(config, upstreams, records_path=records_path, port=port, run_ids=run_ids,
                                         vocabulary=vocabulary)
-        settings.auth_token()  # a missing token variable fails here, not in the child
+        settings.auth_token()  # a missing token (or password) variable fails here, not in the child
+        settings.records_password()
     except (ValidationError, ValueError) as err:
         raise StartupError(f"gateway: {err}") from None
     if settings.port == 0:
@@ -56,6 +58,7 @@ def start_gateway(config: ExperimentConfig, upstreams: dict[str, list[str]], log
     child = stack.add(start_child("gateway", cmd, log_dir / "gateway.log", env=dict(os.environ)))
     url = client_url(settings.host, settings.port)
     waited = wait_healthy(child, url + "/health", health_timeout_s)
-    log.info("gateway healthy at %s after %.1fs (pid %d, records %s)", url, waited, child.pid, settings.records_path)
+    log.info("gateway healthy at %s after %.1fs (pid %d, records %s)", url, waited, child.pid,
+             shown_url(settings.records_url) if settings.records_url else settings.records_path)
     return url
 

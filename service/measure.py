@@ -243,7 +243,8 @@ class Measurement:
         record: dict[str, Any] = {
             "request_id": info.request_id, "run_id": tags.run_id, "arm": info.arm, "task": tags.task,
             "stratum": tags.stratum, "prompt_id": tags.prompt_id, "regime": tags.regime,
-            "endpoint": info.endpoint, "stream": int(info.stream), "upstream": self.upstream,
+            "client_request_id": tags.client_request_id, "endpoint": info.endpoint, "stream": int(info.stream),
+            "upstream": self.upstream,
             "status": status, "http_status": http_status, "error": error, "finish_reason": self.finish_reason,
             "t_start": self.t0_wall, "t_first_token": epoch(self.first_token), "t_end": epoch(end),
             "ttft_s": None if self.first_token is None else self.first_token - self.t0,

@@ -31,7 +31,7 @@ UPSTREAM_ERROR_KINDS = {UPSTREAM_ERROR: "error", UPSTREAM_UNAVAILABLE: "unavaila
 
 
 class GatewayMetrics:
-    def __init__(self, arms: list[str]):
+    def __init__(self, arms: list[str], vllm_names: bool = False):
         # `_created` series would double the exposition and nothing here reads them.
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -72,6 +72,21 @@ class GatewayMetrics:
         self.record_write_failures = Counter("specdrift_record_write_failures_total",
                                              "Records that could not be written as they were, by reason "
                                              "(service/records.py).", ("reason",), registry=r)
+        # Set to the store's backlog by the gateway: records not yet committed (buffered during an outage).
+        self.records_buffered = Gauge("specdrift_records_buffered",
+                                      "Records waiting to be committed to the record store.", registry=r)
+        # gateway.vllm_metric_names: the same counts as vLLM's own counters, for `vllm bench serve`.
+        self.vllm_spec = SimpleNamespace(
+            drafts=Counter("vllm:spec_decode_num_drafts", "Speculative verify steps (vLLM's name).",
+                           ("model_name",), registry=r),
+            draft_tokens=Counter("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed (vLLM's name).",
+                                 ("model_name",), registry=r),
+            accepted_tokens=Counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted (vLLM's name).",
+                                    ("model_name",), registry=r),
+            accepted_per_pos=Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                     "Draft tokens accepted at each position (vLLM's name).",
+                                     ("model_name", "position"), registry=r),
+        ) if vllm_names else None
         for arm in arms:
             self.in_flight.labels(arm)  # exported as 0 before the first request
         for reason in WRITE_FAILURE_REASONS:
@@ -108,13 +123,19 @@ class GatewayMetrics:
             if record["completion_tokens"] is not None:
                 series.completion_tokens.observe(record["completion_tokens"])
         if record.get("spec_drafts") is not None:
+            per_pos = json.loads(record["spec_accepted_per_pos"])[:MAX_POSITIONS] \
+                if record.get("spec_accepted_per_pos") else []
             series.drafts.inc(record["spec_drafts"])
             series.draft_tokens.inc(record["spec_draft_tokens"] or 0)
             series.accepted_tokens.inc(record["spec_accepted_tokens"] or 0)
-            if record.get("spec_accepted_per_pos"):
-                per_pos = json.loads(record["spec_accepted_per_pos"])[:MAX_POSITIONS]
+            for position, count in enumerate(per_pos):
+                self.accepted_per_pos.labels(run, arm, task, stratum, str(position)).inc(count)
+            if self.vllm_spec is not None:
+                self.vllm_spec.drafts.labels(arm).inc(record["spec_drafts"])
+                self.vllm_spec.draft_tokens.labels(arm).inc(record["spec_draft_tokens"] or 0)
+                self.vllm_spec.accepted_tokens.labels(arm).inc(record["spec_accepted_tokens"] or 0)
                 for position, count in enumerate(per_pos):
-                    self.accepted_per_pos.labels(run, arm, task, stratum, str(position)).inc(count)
+                    self.vllm_spec.accepted_per_pos.labels(arm, str(position)).inc(count)
 
     def _series(self, *key: str) -> SimpleNamespace:
         """The labelled children for one (run, arm, task, stratum), looked up once; the key set is bounded."""

@@ -1,4 +1,7 @@
-"""Per-request records: one durable row per accepted request, in SQLite.
+"""Per-request records: one durable row per accepted request, in SQLite (this
+module, the default) or in PostgreSQL shared by gateway replicas
+(service/records_postgres.py, `gateway.records_url`). What both stores share
+lives here: the columns' storable values, the writer thread, the export.
 
 Table `requests`, written once when the request ends (success, error or
 disconnect). Requests rejected before they are accepted (bad JSON, unknown
@@ -14,9 +17,11 @@ counts them.
 | stratum | TEXT | `X-Specdrift-Stratum` |
 | prompt_id | TEXT | `X-Specdrift-Prompt-Id` |
 | regime | TEXT | `X-Specdrift-Regime` |
+| client_request_id | TEXT | the client's own `X-Request-ID` (AIPerf sends one; NULL when absent), to join a client's per-request figures to these |
 | endpoint | TEXT | `chat` or `completions` |
 | stream | INTEGER | 1 if the client asked for a stream (the upstream is always streamed) |
 | upstream | TEXT | base URL of the replica that served it (NULL if none was reachable) |
+| replica | TEXT | the gateway process that recorded it: `gateway.replica`, else $SPECDRIFT_REPLICA, else `<hostname>:<pid>` |
 | status | TEXT | `ok`, `client_disconnect`, `upstream_error` (the arm answered an error), `upstream_unavailable` (no replica reachable), `upstream_timeout`, `upstream_died` (connection broke mid-stream), `upstream_invalid` (the arm sent a value the gateway does not take), `gateway_shutdown` (cancelled when the gateway stopped) |
 | http_status | INTEGER | status the client got (200 also when a stream later failed) |
 | error | TEXT | error message, NULL when ok |
@@ -45,14 +50,16 @@ counts them.
 | output_hash_kind | TEXT | `token_ids` or `text`; compare hashes of the same kind only |
 | output_text | TEXT | the completion text |
 
-Durability: WAL journal with `synchronous=NORMAL`. A committed transaction
+SQLite's durability: WAL journal with `synchronous=NORMAL`. A committed transaction
 is in the WAL file as soon as `COMMIT` returns, so it survives the gateway
 process crashing or being killed; only an OS crash or power loss could drop
 the last transactions (FULL would fsync every commit to close that gap, which
 a gateway restart does not need). The gateway waits for a request's commit
 before it sends the response's last bytes, so every acknowledged request is
 on disk. Writes happen on one writer thread that commits whatever has queued
-up in one transaction, so the event loop never touches SQLite.
+up in one transaction, so the event loop never touches SQLite. (PostgreSQL's
+durability and what it does while the database is unreachable:
+service/records_postgres.py.)
 
 Failures stay contained. Every value is made storable before it is queued:
 an integer outside SQLite's signed 64 bits or of the wrong kind becomes
@@ -61,7 +68,7 @@ that needed this is stored with status `upstream_invalid` (if it was `ok`)
 and the columns named in `error`. Any exception while writing one record is
 caught, logged and counted, and the other records of its batch are written
 one by one. `on_failure(reason)` counts each failure: `unstorable_value`
-(stored, changed as above), `database` (SQLite refused it), `unexpected`
+(stored, changed as above), `database` (the database refused it), `unexpected`
 (anything else), `writer_stopped` (the writer is not running); only the
 first is stored. Should the writer thread still end, every waiting or later
 write fails at once instead of hanging, `alive()` turns false and `on_stop()`
@@ -75,6 +82,7 @@ import csv
 import io
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -82,13 +90,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from core.contracts import OK, RECORD_COLUMNS, RECORDS_TABLE, UPSTREAM_INVALID
+from core.contracts import OK, RECORD_COLUMNS, RECORDS_TABLE, UPSTREAM_INVALID, one_line
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("parquet", "csv", "jsonl")
 WRITE_FAILURE_REASONS = ("unstorable_value", "database", "unexpected", "writer_stopped")
-INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1  # SQLite INTEGER
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1  # SQLite INTEGER, PostgreSQL BIGINT
 
 _INSERT = f"INSERT INTO {RECORDS_TABLE} ({', '.join(RECORD_COLUMNS)}) VALUES ({', '.join('?' * len(RECORD_COLUMNS))})"
 _KINDS = tuple((name, kind.split()[0]) for name, kind in RECORD_COLUMNS.items())
@@ -128,8 +136,14 @@ def storable_text(value: str) -> str:
     return value
 
 
-def _row(record: dict[str, Any]) -> tuple[list, list[int]]:
-    """The record as a row SQLite takes, and the indexes of the values that had to change."""
+def default_replica() -> str:
+    """This process's name in the `replica` column: $SPECDRIFT_REPLICA, else <hostname>:<pid>."""
+    return os.environ.get("SPECDRIFT_REPLICA") or f"{os.uname().nodename}:{os.getpid()}"
+
+
+def _row(record: dict[str, Any], text: Callable[[str], str] = storable_text) -> tuple[list, list[int]]:
+    """The record as a row the store takes, and the indexes of the values that had to change.
+    `text` is the store's storable_text."""
     row = []
     changed = []
     for index, (name, kind) in enumerate(_KINDS):
@@ -137,16 +151,18 @@ def _row(record: dict[str, Any]) -> tuple[list, list[int]]:
         if value is None:
             pass
         elif kind == "TEXT":
-            if type(value) is not str or storable_text(value) is not value:
-                value = storable_text(str(value))
+            if type(value) is not str or text(value) is not value:
+                value = text(str(value))
                 changed.append(index)
         elif type(value) is float and kind == "REAL":
             pass
+        elif type(value) is bool:  # a flag: stored as 0/1, which PostgreSQL's BIGINT needs spelt out
+            value = int(value)
         elif isinstance(value, int) and INT64_MIN <= value <= INT64_MAX:
             pass
         elif kind == "REAL" and isinstance(value, int) and abs(value) < _FLOAT_MAX:
             value = float(value)
-        else:  # an integer too large for SQLite, or a value of the wrong kind
+        else:  # an integer too large for 64 bits, or a value of the wrong kind
             value = None
             changed.append(index)
         row.append(value)
@@ -160,7 +176,7 @@ def _resolve_all(done: list[tuple[asyncio.Future | None, BaseException | None, C
                 on_stored()
             except Exception:  # counting must not keep the request waiting
                 log.exception("on_stored failed")
-        if future is None or future.done():  # nobody waits, or the waiting request was cancelled
+        if future is None or future.done():  # nobody waits, acknowledged earlier, or the request was cancelled
             continue
         if error is None:
             future.set_result(None)
@@ -168,41 +184,62 @@ def _resolve_all(done: list[tuple[asyncio.Future | None, BaseException | None, C
             future.set_exception(error)
 
 
-class RecordStore:
-    """Appends records from the event loop; one writer thread owns the connection.
+class RecordWriter:
+    """What both stores share: records are appended from the event loop, and
+    one writer thread owns the connection. A store supplies `_connect()`,
+    `_execute_batch(conn, rows)` (one transaction), `_execute_one(conn, row)`
+    and the errors its driver raises; a batch that fails is retried row by
+    row, so one bad row does not sink the others.
 
     The writer needs the GIL, which a busy event loop holds, so it is kept to
     few acquisitions per batch: rows are built by the caller, the batch is
-    inserted with one executemany and one commit (SQLite runs without the
-    GIL), and the waiting requests are woken with one callback, which first
-    calls each record's `on_stored` (so counters count exactly what is
-    committed, even for a request cancelled while it waited)."""
+    inserted in one transaction, and the waiting requests are woken with one
+    callback, which first calls each record's `on_stored` (so counters count
+    exactly what is committed, even for a request cancelled while it
+    waited)."""
 
-    def __init__(self, path: Path, on_failure: Callable[[str], None] | None = None,
-                 on_stop: Callable[[], None] | None = None):
-        self.path = Path(path)
+    where = "record store"  # for messages: a path, or a URL without its password
+    storable_text = staticmethod(storable_text)
+
+    def __init__(self, on_failure: Callable[[str], None] | None = None,
+                 on_stop: Callable[[], None] | None = None, replica: str | None = None):
+        self.replica = replica or default_replica()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._opened = threading.Event()
         self._open_error: BaseException | None = None
         self._on_failure = on_failure
         self._on_stop = on_stop
-        # Guards _running against the writer ending while a record is queued.
+        # Guards _running against the writer ending while a record is queued, and _queued.
         self._lock = threading.Lock()
         self._running = True
         self._closing = False
+        self._stopping = False  # the writer has taken the stop request
+        self._queued = 0  # records accepted for writing; minus written and failed: the backlog
         self.written = 0
         self.failed = 0
         self._thread = threading.Thread(target=self._run, name="records-writer", daemon=True)
         self._thread.start()
         self._opened.wait()
         if self._open_error is not None:
-            raise RecordStoreError(f"cannot open record store {self.path}: {self._open_error}")
+            raise RecordStoreError(self._open_message(self._open_error))
+
+    def _open_message(self, error: BaseException) -> str:
+        return f"cannot open record store {self.where}: {error}"
 
     def alive(self) -> bool:
         return self._running
 
+    def reachable(self) -> bool:
+        """Whether the database answers (a local SQLite file always does)."""
+        return True
+
+    def backlog(self) -> int:
+        """Records handed to the store and neither committed nor failed yet."""
+        return max(0, self._queued - self.written - self.failed)
+
     async def write(self, record: dict[str, Any], on_stored: Callable[[], None] | None = None) -> None:
-        """Queue `record` and return once it is committed; `on_stored()` runs on this loop when it is."""
+        """Queue `record` and return once it is committed (the PostgreSQL store, while its database is
+        unreachable: once it is buffered); `on_stored()` runs on this loop when it is committed."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._put((self._prepare(record), loop, future, on_stored)):
@@ -224,7 +261,10 @@ class RecordStore:
 
     # --- the caller's side --------------------------------------------------
     def _prepare(self, record: dict[str, Any]) -> tuple:
-        row, changed = _row(record)
+        if record.get("replica") is None:
+            record["replica"] = self.replica
+        text = self.storable_text
+        row, changed = _row(record, text)
         if changed:
             # Store what can be stored, marked as an error that names what was lost.
             for index in changed:
@@ -235,12 +275,13 @@ class RecordStore:
             record["error"] = f"{record['error']}; {note}" if record.get("error") else note
             log.warning("record %s: %s", record.get("request_id"), note)
             self._count_failure("unstorable_value")
-            row = _row(record)[0]
+            row = _row(record, text)[0]
         return tuple(row)
 
     def _put(self, item: tuple) -> bool:
         with self._lock:
             if self._running:
+                self._queued += 1
                 self._queue.put(item)
                 return True
         self.failed += 1
@@ -253,9 +294,52 @@ class RecordStore:
             self._on_failure(reason)
 
     # --- the writer thread ----------------------------------------------------
+    # The store's driver errors (a failure counted as `database`), and those that are not a row's fault
+    # (the PostgreSQL store's outages), which the insert passes on to be retried.
+    database_error: type[BaseException] | tuple = sqlite3.Error
+    passed_on: tuple = ()
+
+    def _connect(self):
+        """The store's connection, its table ready; raises if it cannot be had."""
+        raise NotImplementedError
+
+    def _execute_batch(self, conn, rows: list[tuple]) -> None:
+        """Insert `rows` in one transaction."""
+        raise NotImplementedError
+
+    def _execute_one(self, conn, row: tuple) -> None:
+        raise NotImplementedError
+
+    def _insert(self, conn, rows: list[tuple]) -> list[BaseException | None]:
+        """Insert the batch; one error or None per row."""
+        try:
+            self._execute_batch(conn, rows)
+            return [None] * len(rows)
+        except self.passed_on:
+            raise
+        except Exception:
+            # One bad row must not sink the others: retry them one by one.
+            return [self._insert_one(conn, row) for row in rows]
+
+    def _insert_one(self, conn, row: tuple) -> BaseException | None:
+        try:
+            self._execute_one(conn, row)
+        except self.passed_on:
+            raise
+        except Exception as err:
+            reason = "database" if isinstance(err, self.database_error) else "unexpected"
+            message = one_line(err)
+            log.error("could not write record %s to %s: %s: %s", row[0], self.where, type(err).__name__, message)
+            self._count_failure(reason)
+            return RecordStoreError(f"{type(err).__name__}: {message}")
+        return None
+
+    def _close(self, conn) -> None:
+        conn.close()
+
     def _run(self) -> None:
         try:
-            conn = _open(self.path)
+            self._conn = self._connect()
         except Exception as err:
             self._open_error = err
             self._running = False
@@ -264,26 +348,38 @@ class RecordStore:
         self._opened.set()
         batch: list = []
         try:
-            stopping = False
-            while not stopping:
+            while not self._stopping:
                 batch = [self._queue.get()]
-                while True:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                if _STOP in batch:
-                    stopping = True
-                    batch = [item for item in batch if item is not _STOP]
+                self._take_queued(batch)
                 try:
-                    self._commit(conn, batch)
+                    self._commit(self._conn, batch)
                 except Exception:  # a bug here must not end the writer
                     log.exception("record writer: batch of %d failed", len(batch))
+                    self.failed += len(batch)
                     self._wake(batch, [RecordStoreError("record writer error")] * len(batch))
                 batch = []
         finally:
             self._stopped(batch)
-            conn.close()
+            if self._conn is not None:
+                self._close(self._conn)
+
+    def _take_queued(self, batch: list) -> list:
+        """Move whatever is queued into `batch` (a stop request sets _stopping); returns what was moved."""
+        taken = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            taken.append(item)
+        if batch and batch[0] is _STOP:
+            batch.pop(0)
+            self._stopping = True
+        if _STOP in taken:
+            self._stopping = True
+            taken = [item for item in taken if item is not _STOP]
+        batch.extend(taken)
+        return taken
 
     def _stopped(self, batch: list) -> None:
         """The writer is ending: fail what it holds and what is queued, and say so."""
@@ -304,15 +400,10 @@ class RecordStore:
             if self._on_stop is not None:
                 self._on_stop()
 
-    def _commit(self, conn: sqlite3.Connection, batch: list) -> None:
-        rows = [item[0] for item in batch]
-        try:
-            with conn:  # one transaction for the whole batch
-                conn.executemany(_INSERT, rows)
-            errors: list[BaseException | None] = [None] * len(batch)
-        except Exception:
-            # One bad row must not sink the others: retry them one by one.
-            errors = [self._insert_one(conn, row) for row in rows]
+    def _commit(self, conn, batch: list) -> None:
+        if not batch:
+            return
+        errors = self._insert(conn, [item[0] for item in batch])
         failed = sum(error is not None for error in errors)
         self.failed += failed
         self.written += len(batch) - failed
@@ -329,16 +420,52 @@ class RecordStore:
             except RuntimeError:  # that event loop is closed: nobody waits any more
                 pass
 
-    def _insert_one(self, conn: sqlite3.Connection, row: tuple) -> BaseException | None:
-        try:
-            with conn:
-                conn.execute(_INSERT, row)
-        except Exception as err:
-            reason = "database" if isinstance(err, sqlite3.Error) else "unexpected"
-            log.error("could not write record %s to %s: %s: %s", row[0], self.path, type(err).__name__, err)
-            self._count_failure(reason)
-            return RecordStoreError(f"{type(err).__name__}: {err}")
-        return None
+    def _acknowledge(self, batch: list) -> None:
+        """Let the requests waiting on `batch` go on before their commit (only the
+        PostgreSQL store does, while its database is unreachable); `on_stored` still
+        waits for the commit."""
+        self._wake([(row, loop, future, None) for row, loop, future, _ in batch], [None] * len(batch))
+
+
+class RecordStore(RecordWriter):
+    """The SQLite store (the default): one file, WAL (the module docstring)."""
+
+    def __init__(self, path: Path, on_failure: Callable[[str], None] | None = None,
+                 on_stop: Callable[[], None] | None = None, replica: str | None = None):
+        self.path = Path(path)
+        self.where = str(self.path)
+        super().__init__(on_failure, on_stop, replica)
+
+    def _connect(self) -> sqlite3.Connection:
+        return _open(self.path)
+
+    def _execute_batch(self, conn: sqlite3.Connection, rows: list[tuple]) -> None:
+        with conn:  # one transaction for the whole batch
+            conn.executemany(_INSERT, rows)
+
+    def _execute_one(self, conn: sqlite3.Connection, row: tuple) -> None:
+        with conn:
+            conn.execute(_INSERT, row)
+
+
+def copy_records(records: list[dict[str, Any]], path: Path) -> Path:
+    """`records` as a new SQLite store at `path`, written whole (a temporary file,
+    then renamed): a run directory's own copy of its rows from a shared store."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    for stale in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    conn = _open(tmp)
+    try:
+        with conn:
+            conn.executemany(_INSERT, [tuple(r.get(c) for c in RECORD_COLUMNS) for r in records])
+        conn.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+    finally:
+        conn.close()
+    tmp.replace(path)
+    for stale in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    return path
 
 
 def export_records(records: list[dict[str, Any]], fmt: str, out: IO[bytes]) -> None:

@@ -40,7 +40,7 @@ from service.assemble import Assembly
 from service.errors import ERROR_SOURCE_HEADER, error_body
 from service.measure import Measurement, UpstreamInvalid, shown
 from service.metrics import GatewayMetrics
-from service.records import RecordStore, RecordStoreError, storable_text
+from service.records import RecordStoreError, RecordWriter, storable_text
 from service.upstreams import Replica, Upstream
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class RelayContext:
     """What every relay of one gateway shares."""
 
     client: aiohttp.ClientSession
-    store: RecordStore
+    store: RecordWriter
     metrics: GatewayMetrics
     read_timeout_s: float  # only for the messages: the client session applies it
     expose_internals: bool = False  # clients see `detail` (upstream URLs) too

@@ -107,17 +107,19 @@ def build_router(completion: type[CompletionRequest], chat: type[ChatCompletionR
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "specdrift"}
                                            for name in gateway.arms]}
 
+    # Still 200 while a PostgreSQL store buffers through an outage: a restart would lose the buffer.
     @router.get("/health", summary="Liveness: 200 while the record store is writable")
     async def health(gateway: GatewayDep) -> JSONResponse:
         store = gateway.store
         healthy = store is not None and store.alive()
         arms = {name: {"replicas": len(upstream.replicas), "in_flight": upstream.in_flight}
                 for name, upstream in gateway.arms.items()}
-        records = {"written": store.written if store else 0, "failed": store.failed if store else 0}
+        records = {"written": store.written if store else 0, "failed": store.failed if store else 0,
+                   "buffered": store.backlog() if store else 0, "reachable": store.reachable() if store else False}
         if expose_internals:
             for name, upstream in gateway.arms.items():
                 arms[name]["urls"] = [r.url for r in upstream.replicas]
-            records["path"] = str(gateway.settings.records_path)
+            records["path"] = store.where if store else str(gateway.settings.records_path)
         body = {"status": "ok" if healthy else "records store down", "arms": arms, "records": records}
         return JSONResponse(body, status_code=200 if healthy else 503)
 

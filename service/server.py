@@ -11,6 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from service.records import RecordStoreError
 from service.settings import GatewaySettings
 
 
@@ -20,6 +23,10 @@ def run(settings: GatewaySettings) -> None:
 
     from service.app import create_app
     from service.edge import ConnectionLimits, EdgeProtocol
+    from service.gateway import open_record_store
+
+    # A store that cannot be opened fails here, as one line (RecordStoreError), not in the app's start-up.
+    open_record_store(settings).close()
 
     # The record writer thread waits for the GIL while the event loop is busy;
     # a request's last bytes wait for that writer. 0.5 ms instead of Python's
@@ -39,7 +46,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", required=True, type=Path, help="GatewaySettings as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(GatewaySettings.model_validate_json(args.settings.read_text()))
+    try:
+        settings = GatewaySettings.model_validate_json(args.settings.read_text())
+        settings.records_password()  # an unset variable fails here
+    except ValidationError as err:
+        first = err.errors()[0]
+        sys.exit(f"gateway: gateway.{'.'.join(map(str, first['loc']))}: {first['msg']}")
+    except ValueError as err:
+        sys.exit(f"gateway: {err}")
+    try:
+        run(settings)
+    except RecordStoreError as err:
+        sys.exit(f"gateway: {err}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,10 @@ class GatewaySettings(GatewayConfig):
         """The bearer token clients must send, or None when auth is off."""
         return _token(self.auth_token_env, "auth_token_env")
 
+    def records_password(self) -> str | None:
+        """The PostgreSQL password from records_password_env; None: libpq's PGPASSWORD / PGPASSFILE."""
+        return _token(self.records_password_env, "records_password_env")
+
     def metrics_token(self) -> str | None:
         """The bearer token /metrics needs: its own, else the API's; None when it is open."""
         if self.metrics_open:
@@ -64,6 +68,14 @@ def default_records_path(config: ExperimentConfig) -> Path:
     if config.gateway.records_path:
         return config.resolve_path(config.gateway.records_path)
     return config.cache_path / "records.sqlite"
+
+
+def records_source(config: ExperimentConfig, path: Path | None = None) -> tuple[str | Path, str | None]:
+    """Where this config's gateway keeps its records, to read them: (records_url, its password or None:
+    libpq's PGPASSWORD / PGPASSFILE), else (`path` or the default SQLite file, None)."""
+    if config.gateway.records_url:
+        return config.gateway.records_url, _token(config.gateway.records_password_env, "records_password_env")
+    return Path(path) if path else default_records_path(config), None
 
 
 def settings_from_config(config: ExperimentConfig, upstreams: dict[str, list[str]], *,

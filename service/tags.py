@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
-from core.contracts import TAG_HEADERS, TAG_MISSING, TAG_VALUE_PATTERN
+from core.contracts import (CLIENT_REQUEST_ID_HEADER, CLIENT_REQUEST_ID_PATTERN, TAG_HEADERS, TAG_MISSING,
+                            TAG_VALUE_PATTERN)
 
 UNKNOWN = "other"  # a label value outside the vocabulary
 TAG_VALUE = re.compile(TAG_VALUE_PATTERN)
+CLIENT_REQUEST_ID = re.compile(CLIENT_REQUEST_ID_PATTERN)
 
 
 class TagError(ValueError):
@@ -29,6 +31,7 @@ class Tags:
     stratum: str = TAG_MISSING
     prompt_id: str = TAG_MISSING
     regime: str = TAG_MISSING
+    client_request_id: str | None = None  # the client's X-Request-ID; only stored, never a label
 
 
 def parse_tags(headers) -> Tags:
@@ -41,6 +44,11 @@ def parse_tags(headers) -> Tags:
         if not TAG_VALUE.fullmatch(value):
             raise TagError(f"header {header} must match {TAG_VALUE_PATTERN}")
         values[field] = value
+    client_request_id = headers.get(CLIENT_REQUEST_ID_HEADER)
+    if client_request_id is not None:
+        if not CLIENT_REQUEST_ID.fullmatch(client_request_id):
+            raise TagError(f"header X-Request-ID must match {CLIENT_REQUEST_ID_PATTERN} (printable ASCII, no spaces)")
+        values["client_request_id"] = client_request_id
     return Tags(**values)
 
 

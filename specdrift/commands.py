@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 from pydantic import ValidationError
 
 from analysis.compare import compare_runs
@@ -17,17 +18,18 @@ from analysis.report import write_report
 from analysis.rundir import RunDirError
 from core.arms import start_arms
 from core.config import ExperimentConfig, load_config
-from core.contracts import WorkloadFileError, read_records, read_workload, workload_sidecar
+from core.contracts import (RunFiles, WorkloadFileError, check_database_url, is_database_url, one_line, read_records,
+                            read_workload, shown_url, workload_sidecar)
 from core.models import ModelError, prepare_target
 from core.paths import drafter_dir
 from core.processes import ProcessStack, StartupError
 from drafters.build import distill, drafter_summary
 from service.launch import start_gateway
-from service.records import EXPORT_FORMATS, export_records
+from service.records import EXPORT_FORMATS, RecordStoreError, export_records
 from service.server import run as run_gateway
-from service.settings import default_records_path, settings_from_config
+from service.settings import records_source, settings_from_config
 from specdrift.prepare import prepare_drafters
-from specdrift.runner import RunError, replay_experiment, run_experiment
+from specdrift.runner import RunError, RunState, copy_run_records, replay_experiment, run_experiment
 from workload import builder
 from workload.summary import summary_markdown
 
@@ -61,8 +63,8 @@ def register(subparsers) -> None:
     s.add_argument("--run-id", action="append", default=[], metavar="ID",
                    help="a run id clients send in X-Specdrift-Run, kept as a metrics label (repeatable; "
                         "other values are counted as 'other')")
-    s.add_argument("--records", help="SQLite file for per-request records (default: gateway.records_path, "
-                                     "else <cache>/records.sqlite)")
+    s.add_argument("--records", help="record store: an SQLite file or a postgresql:// URL (default: "
+                                     "gateway.records_url, else gateway.records_path, else <cache>/records.sqlite)")
 
     r = add_command(subparsers, "run", "run the whole experiment and write the report", run_command)
     r.add_argument("--out", help="run directory (default: runs/<name>-<UTC time>)")
@@ -95,6 +97,8 @@ def register(subparsers) -> None:
                     report_command, config=False)
     a.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `specdrift run`")
     a.add_argument("--out", help="write the outputs here instead of into RUN_DIR")
+    a.add_argument("--records", metavar="URL", help="first refresh RUN_DIR/records.sqlite with the run's rows from "
+                                                    "this PostgreSQL store (postgresql://...)")
 
     c = add_command(subparsers, "compare", "set two runs side by side", compare_command, config=False)
     c.add_argument("run_a", metavar="RUN_A")
@@ -107,8 +111,9 @@ def register(subparsers) -> None:
     e.add_argument("run_id", metavar="RUN_ID", help="the run's id (X-Specdrift-Run); 'all' for every record")
     e.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     e.add_argument("--out", help="output file (default: stdout)")
-    e.add_argument("--records", help="SQLite record store (default: runs/RUN_ID/records.sqlite if it exists, "
-                                     "else the config's gateway.records_path, else <cache>/records.sqlite)")
+    e.add_argument("--records", help="record store, an SQLite file or a postgresql:// URL (default: "
+                                     "runs/RUN_ID/records.sqlite if it exists, else the config's gateway.records_url, "
+                                     "else gateway.records_path, else <cache>/records.sqlite)")
 
     g = add_command(subparsers, "gateway", "run the gateway in the foreground in front of running arms",
                     gateway_command)
@@ -117,10 +122,23 @@ def register(subparsers) -> None:
                         "(default: the config's arms that list upstreams)")
     g.add_argument("--host", help="address to bind (default: the config's gateway.host, 127.0.0.1)")
     g.add_argument("--port", type=int, help="port (default: the config's ports.gateway)")
-    g.add_argument("--records", help="SQLite record store (default: gateway.records_path, "
-                                     "else <cache>/records.sqlite)")
+    g.add_argument("--records", help="record store: an SQLite file or a postgresql:// URL (default: "
+                                     "gateway.records_url, else gateway.records_path, else <cache>/records.sqlite)")
     g.add_argument("--run-id", action="append", default=[], dest="run_ids", metavar="ID",
                    help="a run id to keep as a Prometheus label value (others count as 'other')")
+
+
+def with_records(config: ExperimentConfig, value: str | None) -> tuple[ExperimentConfig, Path | None]:
+    """`--records`: a postgresql:// URL, or an SQLite file (which then wins over the config's URL). Returns the
+    config to use and the SQLite path to give the gateway; a bad URL raises ValueError."""
+    if not value:
+        return config, None
+    try:
+        url = check_database_url(value) if is_database_url(value) else None
+    except ValueError as err:
+        raise ValueError(f"--records: {err}") from None
+    gateway = config.gateway.model_copy(update={"records_url": url})
+    return config.model_copy(update={"gateway": gateway}), None if url else Path(value)
 
 
 def arm_names(config: ExperimentConfig, text: str | None) -> list[str] | None:
@@ -171,6 +189,11 @@ def replay_command(args) -> int:
 def serve_command(args) -> int:
     config = load_config(args.config)
     names = arm_names(config, args.arms)
+    try:
+        config, records_path = with_records(config, args.records)
+    except ValueError as err:
+        print(f"specdrift serve: {err}", file=sys.stderr)
+        return 2
     log_dir = Path(args.log_dir) if args.log_dir else config.cache_path / "logs" / "serve"
     with ProcessStack() as stack:
         try:
@@ -179,8 +202,7 @@ def serve_command(args) -> int:
                 print(f"{name}: {', '.join(urls)}", flush=True)
             if not args.no_gateway:
                 url = start_gateway(config, upstreams, log_dir, stack, vocabulary=builder.tag_vocabulary(config),
-                                    run_ids=args.run_id or None,
-                                    records_path=Path(args.records) if args.records else None)
+                                    run_ids=args.run_id or None, records_path=records_path)
                 print(f"gateway: {url}", flush=True)
         except StartupError as err:
             print(f"specdrift serve: {err}", file=sys.stderr)
@@ -254,14 +276,26 @@ def drafter_show_command(args) -> int:
 
 def report_command(args) -> int:
     try:
+        if args.records:
+            refresh_records(Path(args.run_dir), args.records)
         results = write_report(args.run_dir, args.out)
-    except RunDirError as err:
+    except (RunDirError, RunError, ValueError) as err:
         print(f"specdrift report: {err}", file=sys.stderr)
         return 1
     out = Path(args.out or args.run_dir)
     print("\n".join(f"- {line}" for line in results["summary"]))
     print(f"\nreport: {out / 'report.html'} (and report.md, results.json, figures/)")
     return 0
+
+
+def refresh_records(run_dir: Path, url: str) -> None:
+    """RUN_DIR/records.sqlite := the run's rows in the PostgreSQL store at `url` (PGPASSWORD / PGPASSFILE)."""
+    check_database_url(url)
+    run = RunFiles(run_dir)
+    if not run.state.is_file():
+        raise RunDirError(f"{run_dir}: no state.json, so no run id to take records of")
+    copy_run_records(run, RunState.load(run.state).run_id, url, None, progress=lambda line: print(line,
+                                                                                                 file=sys.stderr))
 
 
 def compare_command(args) -> int:
@@ -279,25 +313,30 @@ def compare_command(args) -> int:
 
 # --- records, gateway -------------------------------------------------------------------------
 
-def records_path_for(config: ExperimentConfig, run_id: str, explicit: str | None) -> Path:
+def records_store_for(config: ExperimentConfig, run_id: str, explicit: str | None) -> tuple[str | Path, str | None]:
+    """The store to export from, and its password: --records, else the run directory's copy, else the config's."""
     if explicit:
-        return Path(explicit)
+        return (check_database_url(explicit) if is_database_url(explicit) else Path(explicit)), None
     run_dir_store = Path("runs") / run_id / "records.sqlite"
     if run_id != "all" and run_dir_store.exists():
-        return run_dir_store
-    return default_records_path(config)
+        return run_dir_store, None
+    return records_source(config)
 
 
 def records_export_command(args) -> int:
     config = load_config(args.config)
-    path = records_path_for(config, args.run_id, args.records)
     try:
-        records = read_records(path, None if args.run_id == "all" else args.run_id)
-    except FileNotFoundError as err:
+        store, password = records_store_for(config, args.run_id, args.records)
+        records = read_records(store, None if args.run_id == "all" else args.run_id, password)
+    except (FileNotFoundError, ValueError) as err:
         print(f"specdrift records export: {err}", file=sys.stderr)
         return 1
+    except psycopg.Error as err:
+        print(f"specdrift records export: {shown_url(store)}: {one_line(err)}", file=sys.stderr)
+        return 1
+    shown = shown_url(store) if is_database_url(store) else store
     if not records:
-        print(f"specdrift records export: no records of run {args.run_id!r} in {path}", file=sys.stderr)
+        print(f"specdrift records export: no records of run {args.run_id!r} in {shown}", file=sys.stderr)
         return 1
     if args.out:
         with open(args.out, "wb") as out:
@@ -322,20 +361,26 @@ def parse_upstreams(values: list[str]) -> dict[str, list[str]]:
 def gateway_command(args) -> int:
     config = load_config(args.config)
     try:
+        config, records_path = with_records(config, args.records)
         upstreams = parse_upstreams(args.upstream) if args.upstream else {
             arm.name: list(arm.upstreams) for arm in config.arms if arm.upstreams}
         if not upstreams:
             raise ValueError("no upstreams: give --upstream ARM=URL, or list `upstreams` for arms in the config")
         settings = settings_from_config(config, upstreams, vocabulary=builder.tag_vocabulary(config),
-                                        records_path=Path(args.records) if args.records else None,
-                                        port=args.port, run_ids=args.run_ids)
+                                        records_path=records_path, port=args.port, run_ids=args.run_ids)
         if args.host:
             settings.host = args.host
         settings.auth_token()
+        settings.records_password()
     except (ValidationError, ValueError) as err:
         print(f"specdrift gateway: {err}", file=sys.stderr)
         return 2
-    print(f"gateway: http://{settings.host}:{settings.port} -> {', '.join(upstreams)}; records in "
-          f"{settings.records_path}", file=sys.stderr, flush=True)
-    run_gateway(settings)
+    records = shown_url(settings.records_url) if settings.records_url else settings.records_path
+    print(f"gateway: http://{settings.host}:{settings.port} -> {', '.join(upstreams)}; records in {records}",
+          file=sys.stderr, flush=True)
+    try:
+        run_gateway(settings)
+    except RecordStoreError as err:
+        print(f"specdrift gateway: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -26,7 +26,7 @@ Run directory (`runs/<run id>/`):
 | `state.json` | regimes done, arms that died; what `--resume` reads |
 | `workload.jsonl` (+ `.build.json`, `.summary.md`, `.lengths.png`) | the prompts, with split and stratum; the build report |
 | `workload.replay.jsonl`, `replay/` | the replay's prompts; the target's outputs, each drafter's matches, what was replayed |
-| `records.sqlite` | one row per request (the gateway's records) |
+| `records.sqlite` | one row per request (the gateway's records; with `gateway.records_url`, the run's rows copied from PostgreSQL at the end) |
 | `cost.json` | the measured draft/target cost ratio c per draft-model arm, and the K sweep of `cost.sweep_arms` (r per K, r = γc + v) |
 | `locust/<regime>_*.csv` | Locust's own statistics per regime |
 | `logs/` | one log per arm, the gateway, Prometheus, each Locust regime and each target-response generation |
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psycopg
 import yaml
 
 import loadgen
@@ -54,7 +56,8 @@ from analysis.report import write_report
 from analysis.rundir import RunDirError
 from core.arms import missing_inputs, start_arms
 from core.config import ExperimentConfig, LoadRegime
-from core.contracts import DRAFTER_CARD, EVAL, RunFiles, count_records, read_workload
+from core.contracts import (DRAFTER_CARD, EVAL, RunFiles, count_records, one_line, read_records, read_workload,
+                            shown_url)
 from core.environment import describe
 from core.models import directory_hashes, prepare_target
 from core.paths import drafter_dir, target_dir
@@ -62,6 +65,8 @@ from core.processes import Child, ProcessStack, log_tail, start_child
 from drafters.replay import replay_inputs
 from loadgen.shapes import locust_shape_options
 from service.launch import start_gateway
+from service.records import copy_records
+from service.settings import records_source
 from specdrift.cost import measure_costs
 from specdrift.prepare import prepare_drafters
 from specdrift.prometheus import start_prometheus
@@ -202,6 +207,7 @@ def expected_requests(regime: LoadRegime, n_prompts: int, n_arm_slots: int) -> i
 
 def locust_command(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, run: RunFiles, run_id: str,
                    arms: list[str], max_requests: int) -> list[str]:
+    store, _ = records_source(config, run.records)
     return [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
         "--host", gateway_url,
@@ -212,7 +218,7 @@ def locust_command(config: ExperimentConfig, regime: LoadRegime, gateway_url: st
         "--max-requests", str(max_requests),
         "--run-time", f"{int(regime.max_seconds)}s",
         "--block-seconds", f"{regime.block_seconds:g}",
-        "--skip-done", str(run.records),
+        "--skip-done", str(store),
         *locust_shape_options(regime),
     ]
 
@@ -224,12 +230,13 @@ def run_regime(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, r
     expected = expected_requests(regime, n_prompts, len(arms))
     # max_requests bounds the regime, an interrupted part included: a resumed
     # regime sends only what is left (and --skip-done skips pairs already answered).
-    sent_before, _ = count_records(run.records, state.run_id, regime.label)
+    store, password = records_source(config, run.records)
+    sent_before, _ = count_records(store, state.run_id, regime.label, password)
     left = max(0, regime.max_requests - sent_before)
     state.regimes[regime.label] = {"status": "running", "started": time.time(), "arms": arms}
     if left == 0:
         progress(f"regime {regime.label}: its {regime.max_requests} requests were sent before the interruption")
-        finish_regime(run, state, regime.label)
+        finish_regime(run, state, regime.label, store, password)
         return
     cmd = locust_command(config, regime, gateway_url, run, state.run_id, arms, left)
     log_path = run.logs / f"locust-{regime.label}.log"
@@ -241,10 +248,12 @@ def run_regime(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, r
     started = time.monotonic()
 
     def report_progress():
-        done, errors = count_records(run.records, state.run_id, regime.label)
+        done, errors = count_records(store, state.run_id, regime.label, password)
         progress(progress_line(regime.label, done, errors, expected, time.monotonic() - started, regime.max_seconds))
 
-    child = start_child(f"locust {regime.label}", cmd, log_path)
+    # Locust reads the records too (--skip-done); libpq takes the password from the environment.
+    env = {**os.environ, "PGPASSWORD": password} if password else None
+    child = start_child(f"locust {regime.label}", cmd, log_path, env=env)
     try:
         last = 0.0
         while child.alive():
@@ -259,11 +268,11 @@ def run_regime(config: ExperimentConfig, regime: LoadRegime, gateway_url: str, r
     if child.proc.returncode not in (0, 1):  # locust exits 1 when any request failed
         raise RunError(f"Locust failed in regime {regime.label} (exit {child.proc.returncode}); "
                        f"last lines of {log_path}:\n{log_tail(log_path)}")
-    finish_regime(run, state, regime.label)
+    finish_regime(run, state, regime.label, store, password)
 
 
-def finish_regime(run: RunFiles, state: RunState, label: str) -> None:
-    done, errors = count_records(run.records, state.run_id, label)
+def finish_regime(run: RunFiles, state: RunState, label: str, store: str | Path, password: str | None) -> None:
+    done, errors = count_records(store, state.run_id, label, password)
     state.regimes[label].update(status="done", ended=time.time(), requests=done, errors=errors)
     state.save(run.state)
 
@@ -363,8 +372,22 @@ def run_experiment(config: ExperimentConfig, out: Path | None = None, resume: bo
             measure_costs(config, [n for n in arm_children if n not in state.dead_arms],
                           upstreams[config.baseline_arm][0], eval_rows, run.cost, run.logs, progress)
 
+    if config.gateway.records_url:  # the gateway has stopped: every record is in the database
+        copy_run_records(run, state.run_id, *records_source(config), progress)
     report_into(run, f"done in {format_eta(time.monotonic() - started)}", progress)
     return run.root
+
+
+def copy_run_records(run: RunFiles, run_id: str, url: str, password: str | None, progress=print) -> int:
+    """Fill the run directory's records.sqlite with the run's rows from the shared store, so that the run
+    stays analysable without the database; returns how many."""
+    try:
+        records = read_records(url, run_id, password)
+    except psycopg.Error as err:
+        raise RunError(f"cannot copy run {run_id}'s records from {shown_url(url)}: {one_line(err)}") from None
+    copy_records(records, run.records)
+    progress(f"records: {len(records)} of run {run_id} copied from {shown_url(url)} into {run.records}")
+    return len(records)
 
 
 def report_into(run: RunFiles, done: str, progress=print) -> None:

@@ -23,8 +23,8 @@ from core.contracts import RECORD_COLUMNS, token_ids_hash
 
 RECORD_SCHEMA = [
     ("request_id", "TEXT"), ("run_id", "TEXT"), ("arm", "TEXT"), ("task", "TEXT"), ("stratum", "TEXT"),
-    ("prompt_id", "TEXT"), ("regime", "TEXT"), ("endpoint", "TEXT"), ("stream", "INTEGER"), ("upstream", "TEXT"),
-    ("status", "TEXT"), ("http_status", "INTEGER"), ("error", "TEXT"), ("finish_reason", "TEXT"),
+    ("prompt_id", "TEXT"), ("regime", "TEXT"), ("client_request_id", "TEXT"), ("endpoint", "TEXT"), ("stream", "INTEGER"), ("upstream", "TEXT"),
+    ("replica", "TEXT"), ("status", "TEXT"), ("http_status", "INTEGER"), ("error", "TEXT"), ("finish_reason", "TEXT"),
     ("t_start", "REAL"), ("t_first_token", "REAL"), ("t_end", "REAL"), ("ttft_s", "REAL"), ("e2e_s", "REAL"),
     ("tpot_s", "REAL"), ("itl_mean_s", "REAL"), ("itl_p50_s", "REAL"), ("itl_p99_s", "REAL"), ("itl_max_s", "REAL"),
     ("itl_json", "TEXT"), ("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"), ("max_tokens", "INTEGER"),
@@ -153,6 +153,7 @@ def _record(rng, clock, run_id, arm, prompt, regime, output_tokens, failed_statu
         "request_id": f"{regime}-{arm}-{prompt['id']}-{clock.now:.3f}", "run_id": run_id, "arm": arm,
         "task": prompt["task"], "stratum": prompt["stratum"], "prompt_id": prompt["id"], "regime": regime,
         "endpoint": "chat", "stream": 1, "upstream": f"http://127.0.0.1:81{len(arm)}",
+        "replica": "synthetic:1",
         "prompt_tokens": prompt["prompt_tokens"], "max_tokens": TASKS[_source(prompt["task"])]["max_tokens"],
         "temperature": 0.0, "t_start": clock.now,
     })

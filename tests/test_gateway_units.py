@@ -83,6 +83,15 @@ def test_tags_default_to_none_and_reject_odd_values():
             parse_tags({"x-specdrift-task": bad})
 
 
+def test_the_clients_request_id_is_kept_when_printable_and_refused_otherwise():
+    assert parse_tags({}).client_request_id is None
+    for good in ("benchmark-serving17", "0f8e5a2c-9b1d-4c3e-8f7a-1b2c3d4e5f60", "a/b=c?d"):
+        assert parse_tags({"x-request-id": good}).client_request_id == good
+    for bad in ("", "two words", "x" * 201, "é", "tab\there"):
+        with pytest.raises(TagError, match="X-Request-ID"):
+            parse_tags({"x-request-id": bad})
+
+
 def test_labels_come_from_the_vocabulary_or_are_other():
     mapper = LabelMapper(Vocabulary(run=["r1"], task=["gsm8k"], stratum=["p0-64"]))
     assert mapper.labels(Tags(run_id="r1", task="gsm8k", stratum="p0-64")) == ("r1", "gsm8k", "p0-64")
