@@ -419,6 +419,24 @@ def test_replica_gateways_share_one_postgres_store_without_a_default_password(ex
     assert len(set(host_ports)) == len(host_ports)
 
 
+def test_replica_gateway_commands_build_settings_that_record_to_postgres(example_env):
+    from core.config import load_config
+    from service.settings import settings_from_config
+    from specdrift.cli import build_parser
+    from specdrift.commands import gateway_command, parse_upstreams, with_records
+    from workload.builder import tag_vocabulary
+
+    _, services = stack("gpu+replicas", example_env)
+    for name in GATEWAYS["gpu+replicas"]:
+        args = build_parser().parse_args(specdrift_args(services[name]))
+        assert args.handler is gateway_command
+        config = load_config(Path(args.config.replace("/deploy/", f"{DEPLOY}/")))
+        config, sqlite_path = with_records(config, args.records)
+        settings = settings_from_config(config, parse_upstreams(args.upstream), vocabulary=tag_vocabulary(config),
+                                        run_ids=args.run_ids, records_path=sqlite_path)
+        assert sqlite_path is None and settings.records_url == flag(services[name]["command"], "records")
+
+
 def test_every_gateway_in_every_stack_is_scraped_by_prometheus(example_env):
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     (gateway_job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "specdrift-gateway"]

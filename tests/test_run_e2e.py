@@ -1,7 +1,10 @@
 """`specdrift run` end to end on real vLLM-CPU arms: a small run (two tasks,
 two strata, baseline + ngram, two load regimes) is interrupted mid-regime,
 resumed, and must end complete and consistent; `specdrift report` on the run
-directory alone reproduces results.json exactly."""
+directory alone reproduces results.json exactly. A second run, whose n-gram
+arm is killed, records to PostgreSQL (`gateway.records_url`): the runner
+counts its progress from the database and leaves the run's rows in the run
+directory's records.sqlite."""
 
 from __future__ import annotations
 
@@ -15,8 +18,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psycopg
 import pytest
 import yaml
+
+from core.contracts import read_records
+from postgres_cluster import SUPERUSER, postgres_cluster  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -24,12 +31,14 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "experiments" / "smoke.yaml"
 
 
-def small_config(tmp_path: Path) -> Path:
+def small_config(tmp_path: Path, records_url: str | None = None) -> Path:
     data = yaml.safe_load(SMOKE.read_text())
     data["workload"]["data_dir"] = str((SMOKE.parent / data["workload"]["data_dir"]).resolve())
     from core.processes import free_port
 
     data["ports"] = {"gateway": free_port(), "arms_from": free_port(), "prometheus": free_port()}
+    if records_url:
+        data.setdefault("gateway", {})["records_url"] = records_url
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -46,11 +55,18 @@ def records(run_dir: Path) -> list[dict]:
         return [dict(r) for r in conn.execute("SELECT * FROM requests")]
 
 
-def wait_for_records(run_dir: Path, n: int, proc: subprocess.Popen, timeout_s: float) -> None:
+def wait_for_records(run_dir: Path, n: int, proc: subprocess.Popen, timeout_s: float,
+                     records_url: str | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read()
-        if (run_dir / "records.sqlite").exists():
+        if records_url:
+            try:
+                if len(read_records(records_url, run_dir.name)) >= n:
+                    return
+            except psycopg.errors.UndefinedTable:  # the gateway has not created it yet
+                pass
+        elif (run_dir / "records.sqlite").exists():
             try:
                 if len(records(run_dir)) >= n:
                     return
@@ -65,12 +81,13 @@ def no_vllm_left(run_dir: Path) -> bool:
     return out.strip() == ""
 
 
-def start_run(tmp: Path, name: str, records_first: int) -> tuple[Path, Path, subprocess.Popen]:
+def start_run(tmp: Path, name: str, records_first: int,
+              records_url: str | None = None) -> tuple[Path, Path, subprocess.Popen]:
     """(config, run dir, process) of a run of the small config, once it has stored `records_first` records."""
-    config = small_config(tmp)
+    config = small_config(tmp, records_url)
     run_dir = tmp / name
     proc = specdrift("run", "--config", str(config), "--out", str(run_dir))
-    wait_for_records(run_dir, records_first, proc, timeout_s=600)
+    wait_for_records(run_dir, records_first, proc, timeout_s=600, records_url=records_url)
     return config, run_dir, proc
 
 
@@ -157,18 +174,22 @@ def test_report_reproduces_results_from_records(finished_run, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def run_with_killed_arm(tmp_path_factory, target_dir):
-    """A run whose ngram arm is killed (SIGKILL to its process group) during the sequential regime."""
+def run_with_killed_arm(tmp_path_factory, target_dir, postgres_cluster):
+    """A run whose ngram arm is killed (SIGKILL to its process group) during the sequential regime,
+    its records in PostgreSQL."""
     import psutil
 
-    _, run_dir, proc = start_run(tmp_path_factory.mktemp("killed-arm"), "killed-arm", 6)
+    postgres_cluster.psql("CREATE DATABASE killed_arm_run", database="postgres")
+    records_url = postgres_cluster.url_as(SUPERUSER, "killed_arm_run")
+    _, run_dir, proc = start_run(tmp_path_factory.mktemp("killed-arm"), "killed-arm", 6, records_url)
     arm_servers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                    if "--served-model-name" in p.cmdline() and "ngram" in p.cmdline()]
     assert len(arm_servers) == 1, arm_servers
     os.killpg(os.getpgid(arm_servers[0].pid), signal.SIGKILL)
     killed_at = time.time()
     output, _ = proc.communicate(timeout=900)
-    return {"dir": run_dir, "returncode": proc.returncode, "output": output, "killed_at": killed_at}
+    return {"dir": run_dir, "returncode": proc.returncode, "output": output, "killed_at": killed_at,
+            "records_url": records_url}
 
 
 def test_a_killed_arm_is_reported_and_the_run_goes_on(run_with_killed_arm):
@@ -186,6 +207,14 @@ def test_a_killed_arm_is_reported_and_the_run_goes_on(run_with_killed_arm):
     assert sum(r["arm"] == "baseline" and r["status"] == "ok" and r["regime"] == "concurrency-2" for r in rows) > 0
     assert "gave up on arm ngram" in (run_dir / "report.md").read_text()
     assert no_vllm_left(run_dir)
+
+
+def test_a_run_recording_to_postgres_keeps_its_rows_in_the_run_directory(run_with_killed_arm):
+    run_dir = run_with_killed_arm["dir"]
+    in_database = read_records(run_with_killed_arm["records_url"], run_dir.name)
+    assert in_database and read_records(run_dir / "records.sqlite", run_dir.name) == in_database
+    assert {r["run_id"] for r in read_records(run_with_killed_arm["records_url"])} == {run_dir.name}
+    assert len({r["replica"] for r in in_database}) == 1 and None not in {r["replica"] for r in in_database}
 
 
 def test_replay_agrees_with_served_vllm_in_float32(finished_run):
