@@ -397,7 +397,8 @@ def _divergence_section(results: Results, figures: dict) -> list:
         rows = [[d, t] + [_triple(div.drafters[d][t].get(k)) for k in ("prompt", "output", "total")]
                 for d in sorted(div.drafters) for t in tasks]
         blocks.append(Table(["drafter training split", "task", "prompt", "output", "total"], rows,
-                            "Drafter training split × task: JS / W1 / KS"))
+                            "Drafter training split (as the drafter saw it: cut to its training window, the "
+                            "recipe's max_seq_len) × task: JS / W1 / KS"))
     else:
         blocks.append(Paragraph("No drafter card with training lengths was found in the run directory, so the "
                                 "drafter-split × task table is empty."))

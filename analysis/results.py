@@ -236,7 +236,10 @@ def _divergence(run: RunData, lengths: pd.DataFrame, edges: np.ndarray) -> dict:
         "method": {"js_log_base": divergence.JS_LOG_BASE, "bins_per_doubling": divergence.BINS_PER_DOUBLING,
                    "bin_edges": edges.tolist(),
                    "task_lengths": "eval prompts sent: prompt tokens from the workload, output tokens "
-                                   "from the baseline's first answer"},
+                                   "from the baseline's first answer",
+                   "drafter_lengths": "each drafter's training examples as it saw them: the output's first "
+                                      "window - 1 tokens, then the prompt's last tokens that still fit "
+                                      "(window: the recipe's max_seq_len)"},
         "tasks": tasks,
         "task_lengths": {t: {kind: {"n": int(by_task[t][kind].notna().sum()),
                                     "median": _median(by_task[t][kind])} for kind in divergence.LENGTH_KINDS}
@@ -507,7 +510,8 @@ def compute_results(run: RunData) -> dict:
                 "regimes": regimes, "primary_regime": primary,
                 "regime_plans": {r: run.regime_plans.get(r, "not in the config") for r in regimes},
                 "target_dtype": run.target_dtype, "temperature": run.temperature,
-                "drafters": {n: {"init": d.init, "tasks": d.tasks} for n, d in run.drafters.items()},
+                "drafters": {n: {"init": d.init, "tasks": d.tasks, "window": d.window}
+                             for n, d in run.drafters.items()},
                 "duration_s": float(run.records["t_end"].max() - t0) if len(run.records) else None},
         "methods": {
             "bootstrap": {"kind": "expanded percentile (Hesterberg 2015)", "resamples": stats.RESAMPLES,

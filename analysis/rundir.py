@@ -15,7 +15,7 @@ from analysis.cells import ALL
 from analysis.schema import ArmInfo
 from core.config import LoadRegime
 from core.contracts import (OK, RECORD_COLUMNS, RECORDS_TABLE, TAG_MISSING, RunFiles, WorkloadFileError,
-                            read_records, read_workload, stratum_key)
+                            read_records, read_workload, stratum_key, training_window)
 
 NUMERIC_COLUMNS = (
     "t_start", "t_first_token", "t_end", "ttft_s", "e2e_s", "tpot_s", "prompt_tokens", "completion_tokens",
@@ -48,8 +48,10 @@ class Drafter:
     name: str
     init: str
     tasks: list[str] | str
-    # {"prompt": [...], "output": [...], "total": [...]} of its training split; empty when no card.
+    # {"prompt": [...], "output": [...], "total": [...]} of its training split as the drafter saw them (cut to
+    # its training window, core.contracts.training_window); empty when no card.
     lengths: dict[str, list[int]] = field(default_factory=dict)
+    window: int | None = None  # the recipe's max_seq_len; None: the card does not say (lengths uncut)
 
 
 @dataclass
@@ -250,12 +252,17 @@ def _drafters(files: RunFiles, config: dict) -> dict[str, Drafter]:
         card, conf = cards.get(name, {}), configured.get(name, {})
         raw = (card.get("training_data") or {}).get("lengths") or {}
         lengths = {kind: [int(x) for x in raw.get(kind) or []] for kind in ("prompt", "output")}
+        window = (card.get("recipe") or {}).get("max_seq_len")
         if lengths["prompt"] and len(lengths["prompt"]) == len(lengths["output"]):
+            if window:  # what training saw: an example without output tokens was not trained on at all
+                seen = [training_window(p, o, int(window)) for p, o in zip(lengths["prompt"], lengths["output"])]
+                lengths = {"prompt": [p for p, o in seen if o], "output": [o for _, o in seen if o]}
             lengths["total"] = [p + o for p, o in zip(lengths["prompt"], lengths["output"])]
         lengths = {k: v for k, v in lengths.items() if v}
         drafters[name] = Drafter(
             name=name, init=card.get("init") or conf.get("init") or "target",
             tasks=card.get("tasks") or conf.get("tasks") or "all", lengths=lengths,
+            window=int(window) if window else None,
         )
     return drafters
 

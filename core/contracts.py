@@ -276,6 +276,15 @@ def workload_sidecar(path: str | Path, kind: str) -> Path:
 DRAFTER_CARD = "drafter_card.json"  # beside a drafter's weights; drafters/card.py documents it
 
 
+def training_window(prompt_tokens: int, output_tokens: int, max_seq_len: int) -> tuple[int, int]:
+    """(prompt, output) tokens of one training example that a drafter trained with `max_seq_len` sees: the
+    output's first max_seq_len - 1 tokens, then as many of the prompt's last tokens as still fit. The
+    distillation cuts its examples so (drafters/train.py), and the analysis measures the drafter's training
+    lengths so (analysis/rundir.py)."""
+    output = min(output_tokens, max_seq_len - 1)
+    return min(prompt_tokens, max_seq_len - output), output
+
+
 # --- the run directory ---------------------------------------------------------------------
 
 class RunFiles:

@@ -3,7 +3,9 @@
 The card sits beside the drafter's weights. `specdrift prepare` reuses a
 drafter only when its card's `inputs_hash` equals the hash of the current
 inputs and every file still has the hash in `files`. The analysis reads
-`training_data.lengths` to compute length divergences against the workload.
+`training_data.lengths` to compute length divergences against the workload,
+cut to the window the drafter was trained at (`recipe.max_seq_len`, with
+core.contracts.training_window, the rule distillation cuts examples by).
 
 Format (`format: "specdrift-drafter-card/1"`), all keys always present:
 

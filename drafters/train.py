@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from core.contracts import training_window
 from drafters.recipe import Recipe
 from drafters.vocab import VocabMap
 
@@ -41,10 +42,12 @@ class Example:
 
 
 def make_example(task: str, response: dict, vocab: VocabMap, max_seq_len: int) -> Example | None:
-    output = response["output_ids"][: max_seq_len - 1]
-    if not output:
+    prompt_ids, output_ids = response["prompt_ids"], response["output_ids"]
+    prompt_kept, output_kept = training_window(len(prompt_ids), len(output_ids), max_seq_len)
+    if not output_kept:
         return None
-    prompt = response["prompt_ids"][-(max_seq_len - len(output)):]
+    output = output_ids[:output_kept]
+    prompt = prompt_ids[len(prompt_ids) - prompt_kept:]
     tokens = torch.tensor(prompt + output)
     # The last position never predicts anything we score.
     return Example(

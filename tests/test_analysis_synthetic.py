@@ -15,9 +15,12 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
-from analysis import chain
+from analysis import chain, divergence
+from analysis.results import compute_results, prompt_lengths
+from analysis.rundir import load_run
 from core.config import parse_config
 from core.contracts import RECORD_COLUMNS, token_ids_hash
 
@@ -52,6 +55,9 @@ K = 3
 TARGET_STEP_S = 0.026
 DRIFT_PER_MIN = 0.01  # the machine slows down 1% a minute
 LOAD_SLOWDOWN = {"sequential": 1.0, "concurrency-4": 4.0}  # speculation's step cost grows with batch size
+
+
+SYNTHETIC_WINDOW = 512
 
 
 def _source(task: str) -> str:
@@ -300,6 +306,8 @@ def write_synthetic_run(run_dir: Path, *, seed: int = 0, per_cell: int = 6,
                                           ("finetuned", finetuned, "generic", ["gsm8k"])):
             card = {"name": name, "init": init, "tasks": tasks, "training_data": {"lengths": {
                 "prompt": [p for p, _ in pairs], "output": [o for _, o in pairs], "by_task": {}}}}
+            if name == "generic":  # trained at a window its longest examples exceed; the other card has no recipe
+                card["recipe"] = {"max_seq_len": SYNTHETIC_WINDOW}
             (run_dir / "drafters" / name).mkdir(parents=True, exist_ok=True)
             (run_dir / "drafters" / name / "drafter_card.json").write_text(json.dumps(card))
 
@@ -388,3 +396,31 @@ def test_synthetic_replay_follows_the_file_contract(tmp_path):
         assert len(m["match"]) == len(m["in_vocab"]) == size
         assert all(not (c == "1" and v == "0") for c, v in zip(m["match"], m["in_vocab"]))
     assert {m["drafter"] for m in matches} == {"generic", "finetuned"}
+
+
+def test_drafter_lengths_are_what_training_saw_within_its_window(tmp_path):
+    run_dir = tmp_path / "run"
+    write_synthetic_run(run_dir)
+    card = json.loads((run_dir / "drafters" / "generic" / "drafter_card.json").read_text())
+    raw = list(zip(card["training_data"]["lengths"]["prompt"], card["training_data"]["lengths"]["output"]))
+    run = load_run(run_dir)
+    generic, finetuned = run.drafters["generic"], run.drafters["finetuned"]
+    assert generic.window == SYNTHETIC_WINDOW and finetuned.window is None
+    assert any(p + o > SYNTHETIC_WINDOW for p, o in raw), "the synthetic card must exceed its window"
+    assert max(generic.lengths["total"]) <= SYNTHETIC_WINDOW
+    for (p, o), seen_p, seen_o in zip(raw, generic.lengths["prompt"], generic.lengths["output"]):
+        assert seen_o == min(o, SYNTHETIC_WINDOW - 1) and seen_p == min(p, SYNTHETIC_WINDOW - seen_o)
+    ft_card = json.loads((run_dir / "drafters" / "finetuned" / "drafter_card.json").read_text())
+    assert finetuned.lengths["prompt"] == ft_card["training_data"]["lengths"]["prompt"]
+    results = compute_results(run)
+    assert results["run"]["drafters"]["generic"]["window"] == SYNTHETIC_WINDOW
+    assert results["divergence"]["drafter_lengths"]["generic"]["total"]["n"] == len(raw)
+    task = results["divergence"]["tasks"][0]
+    lengths = prompt_lengths(run)
+    sent = lengths.loc[(lengths["task"] == task) & ~lengths["is_control"], "total"].dropna().tolist()
+    edges = np.asarray(results["divergence"]["method"]["bin_edges"])
+    reported = results["divergence"]["drafters"]["generic"][task]["total"]
+    within = divergence.compare(generic.lengths["total"], sent, edges)
+    uncut = divergence.compare([p + o for p, o in raw], sent, edges)
+    assert all(reported[m] == pytest.approx(within[m], abs=1e-5) for m in ("js", "w1", "ks"))
+    assert abs(reported["w1"] - uncut["w1"]) > 1.0, "the window must change what is compared"

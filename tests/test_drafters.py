@@ -243,3 +243,25 @@ def test_response_generation_progress_reaches_the_console_and_the_engine_log_sta
     follow_progress(child, shown.append, poll_s=0.1)
     assert shown == [f"{PROGRESS_PREFIX}64/128 prompts", f"{PROGRESS_PREFIX}128/128 prompts"]
     assert "INFO engine line" in (tmp_path / "responses.log").read_text()
+
+
+def test_a_training_example_keeps_the_outputs_start_and_the_prompts_end_within_the_window():
+    from core.contracts import training_window
+    from drafters.train import make_example
+
+    vocab = VocabMap(1000, None, unk_id=0)
+    for window in (32, 40):
+        for prompt_len in (0, 1, 5, 31, 32, 60):
+            for output_len in (0, 1, 10, 31, 32, 50):
+                prompt, output = list(range(100, 100 + prompt_len)), list(range(500, 500 + output_len))
+                response = {"prompt_ids": prompt, "output_ids": output, "topk_ids": [[t] for t in output],
+                            "topk_logprobs": [[0.0] for _ in output]}
+                example = make_example("t", response, vocab, window)
+                kept_prompt, kept_output = training_window(prompt_len, output_len, window)
+                if output_len == 0:
+                    assert example is None and kept_output == 0
+                    continue
+                tokens = prompt[len(prompt) - kept_prompt:] + output[:kept_output]
+                assert example.input_ids.tolist() == tokens[:-1]
+                assert kept_prompt + kept_output <= window and kept_output == min(output_len, window - 1)
+                assert example.first_scored == kept_prompt - 1 and len(example.topk_ids) == kept_output
