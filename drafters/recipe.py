@@ -8,9 +8,9 @@ drafter fine-tuned from another drafter inherits its parent's shape.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.config import ConfigError, DrafterConfig
 
@@ -47,13 +47,29 @@ class Recipe(BaseModel):
                                            "the rest is soft cross-entropy on its top-k")
     freeze_embedding: bool = False
 
-    # --- budget: training stops at whichever comes first ---
-    max_minutes: float = Field(default=10.0, gt=0)
-    max_steps: int | None = Field(default=None, ge=1)
+    # --- budget, in optimiser steps or trained tokens, never in time, so that one recipe gives one drafter on
+    # any machine; training stops at whichever is spent first, and the learning-rate schedule follows it ---
+    max_steps: int | None = Field(default=400, ge=1)
+    max_train_tokens: int | None = Field(default=None, ge=1,
+                                         description="response tokens trained on (each step counts its batch's)")
     eval_every_steps: int = Field(default=50, ge=1)
 
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_wall_clock_budget(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_minutes" in data:
+            raise ValueError("max_minutes is no longer a budget (the same recipe must give the same drafter on "
+                             "any machine): give max_steps or max_train_tokens instead")
+        return data
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> "Recipe":
+        if self.max_steps is None and self.max_train_tokens is None:
+            raise ValueError("the recipe needs a budget: max_steps, max_train_tokens or both")
+        return self
 
 
 # The CI build: same code, a few minutes on 2 cores (tests use it).
@@ -65,7 +81,6 @@ REDUCED_RECIPE = {
     "max_seq_len": 256,
     "holdout_fraction": 0.25,
     "batch_tokens": 1024,
-    "max_minutes": 1.0,
     "max_steps": 30,
     "eval_every_steps": 10,
 }
@@ -79,8 +94,9 @@ def recipe_for(drafter: DrafterConfig) -> Recipe:
         recipe = Recipe.model_validate(drafter.recipe)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"drafters.{drafter.name}.recipe.{where}: {first['msg']}") from None
+        where = "".join(f".{p}" for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"drafters.{drafter.name}.recipe{where}: {message}") from None
     if drafter.init != "target":
         fixed = [f for f in SHAPE_FIELDS if f in recipe.model_fields_set]
         if fixed:

@@ -178,15 +178,19 @@ def train(model, train_set: list[Example], holdout: list[Example], recipe: Recip
         model.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
-    state = {"step": 0, "seconds": 0.0, "losses": [], "evaluations": []}
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "losses": [], "evaluations": []}
+    # The epoch's batches still to come, as indexes into train_set, and the shuffling's state: saved with
+    # every checkpoint, so that a resumed build trains on what an uninterrupted one would have.
+    epoch_batches: list[list[int]] = []
     if checkpoint.exists():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
+        epoch_batches = saved["epoch_batches"]
+        rng.setstate(saved["rng"])
         progress(f"resumed from {checkpoint} at step {state['step']} ({state['seconds'] / 60:.1f} min)")
-
-    budget_s = recipe.max_minutes * 60
+    index_of = {id(example): i for i, example in enumerate(train_set)}
 
     def evaluate():
         figures = summarize_hits(agreement(model, holdout, pad_id, device, recipe.batch_tokens))
@@ -196,14 +200,15 @@ def train(model, train_set: list[Example], holdout: list[Example], recipe: Recip
 
     def done_fraction():
         by_steps = state["step"] / recipe.max_steps if recipe.max_steps else 0.0
-        return max(by_steps, state["seconds"] / budget_s)
+        by_tokens = state["tokens"] / recipe.max_train_tokens if recipe.max_train_tokens else 0.0
+        return max(by_steps, by_tokens)
 
     initial = evaluate() if state["step"] == 0 else None
-    epoch_batches: list[list[Example]] = []
     while done_fraction() < 1.0:
         if not epoch_batches:
-            epoch_batches = batches(train_set, recipe.batch_tokens, rng)
-        batch = epoch_batches.pop()
+            epoch_batches = [[index_of[id(example)] for example in batch]
+                             for batch in batches(train_set, recipe.batch_tokens, rng)]
+        batch = [train_set[i] for i in epoch_batches.pop()]
         started = time.monotonic()
         fraction = done_fraction()
         warm = min(1.0, (state["step"] + 1) / max(recipe.warmup_steps, 1))
@@ -220,14 +225,16 @@ def train(model, train_set: list[Example], holdout: list[Example], recipe: Recip
         optimizer.step()
 
         state["step"] += 1
+        state["tokens"] += sum(len(example.topk_ids) for example in batch)
         state["seconds"] += time.monotonic() - started
         state["losses"].append(round(loss.item(), 4))
         if state["step"] % recipe.eval_every_steps == 0:
             figures = evaluate()
             progress(f"step {state['step']}: loss {sum(state['losses'][-recipe.eval_every_steps:]) / recipe.eval_every_steps:.3f}, "
                      f"held-out top-1 agreement {figures['top1_agreement']:.3f}, "
-                     f"{state['seconds'] / 60:.1f}/{recipe.max_minutes:g} min")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, checkpoint)
+                     f"{100 * done_fraction():.0f}% of the budget, {state['seconds'] / 60:.1f} min")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                        "epoch_batches": epoch_batches, "rng": rng.getstate()}, checkpoint)
 
     final = evaluate()
     progress(f"trained {state['step']} steps in {state['seconds'] / 60:.1f} min; "
@@ -236,6 +243,7 @@ def train(model, train_set: list[Example], holdout: list[Example], recipe: Recip
     window = max(1, min(20, len(state["losses"]) // 4))
     return {
         "steps": state["step"],
+        "train_tokens": state["tokens"],
         "train_minutes": round(state["seconds"] / 60, 2),
         "device": device.type,
         "loss_first": round(sum(state["losses"][:window]) / window, 4),

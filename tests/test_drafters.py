@@ -162,7 +162,7 @@ def _drafter_config(cpu_config, target_dir: Path, cache: Path, recipe: dict):
 
 def test_tiny_distillation_lowers_loss_writes_a_complete_card_and_is_reused(
         cpu_config, target_dir, data_dir, tokenizer, target_model, tmp_path):
-    recipe = {**REDUCED_RECIPE, "max_steps": 25, "max_minutes": 3, "eval_every_steps": 25,
+    recipe = {**REDUCED_RECIPE, "max_steps": 25, "eval_every_steps": 25,
               "learning_rate": 3e-3, "warmup_steps": 2}
     config = _drafter_config(cpu_config, target_dir, tmp_path / "cache", recipe)
     rows = _rows(tokenizer, _workload_rows(data_dir, 5))
@@ -265,3 +265,68 @@ def test_a_training_example_keeps_the_outputs_start_and_the_prompts_end_within_t
                 assert example.input_ids.tolist() == tokens[:-1]
                 assert kept_prompt + kept_output <= window and kept_output == min(output_len, window - 1)
                 assert example.first_scored == kept_prompt - 1 and len(example.topk_ids) == kept_output
+
+
+def _tiny_training(seed: int = 0):
+    """A tiny randomly initialised Llama and a few examples: train()'s own loop, in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from drafters.train import Example
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    generator = torch.Generator().manual_seed(seed)
+
+    def example(length: int) -> Example:
+        ids = torch.randint(1, 64, (length,), generator=generator)
+        scored = length // 2
+        topk = torch.randint(1, 64, (length - scored, 2), generator=generator)
+        return Example("t", ids, scored - 1, topk, torch.log_softmax(torch.randn(length - scored, 2), -1))
+
+    return model, [example(6 + i % 7) for i in range(24)], [example(8) for _ in range(3)]
+
+
+def test_training_is_counted_in_steps_and_a_resumed_build_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    from drafters.train import train
+
+    recipe = Recipe.model_validate({**REDUCED_RECIPE, "max_steps": 8, "eval_every_steps": 3, "batch_tokens": 64,
+                                    "warmup_steps": 2})
+    model, examples, holdout = _tiny_training()
+    whole = train(model, examples, holdout, recipe, 0, tmp_path / "whole.pt", progress=lambda m: None)
+    assert whole["steps"] == 8 and whole["train_tokens"] > 0
+
+    class Interrupted(Exception):
+        pass
+
+    real_save = torch.save
+
+    def save_then_stop(obj, path):
+        real_save(obj, path)
+        raise Interrupted
+
+    interrupted, examples_b, holdout_b = _tiny_training()
+    monkeypatch.setattr(torch, "save", save_then_stop)
+    with pytest.raises(Interrupted):  # right after the checkpoint at step 3, mid-epoch
+        train(interrupted, examples_b, holdout_b, recipe, 0, tmp_path / "resumed.pt", progress=lambda m: None)
+    monkeypatch.setattr(torch, "save", real_save)
+    resumed, examples_c, holdout_c = _tiny_training()  # a new process: fresh weights, then the checkpoint
+    record = train(resumed, examples_c, holdout_c, recipe, 0, tmp_path / "resumed.pt", progress=lambda m: None)
+    assert record["steps"] == 8 and record["train_tokens"] == whole["train_tokens"]
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    by_tokens = Recipe.model_validate({**REDUCED_RECIPE, "max_steps": None, "max_train_tokens": 30,
+                                       "eval_every_steps": 100, "batch_tokens": 64})
+    model, examples, holdout = _tiny_training()
+    record = train(model, examples, holdout, by_tokens, 0, tmp_path / "tokens.pt", progress=lambda m: None)
+    assert record["train_tokens"] >= 30 and record["steps"] < 8
+
+
+def test_a_recipe_has_a_step_or_token_budget_and_no_wall_clock_one():
+    with pytest.raises(ConfigError, match="max_minutes is no longer a budget"):
+        recipe_for(DrafterConfig(name="g", init="target", tasks="all", recipe={"max_minutes": 10}))
+    with pytest.raises(ConfigError, match="needs a budget"):
+        recipe_for(DrafterConfig(name="g", init="target", tasks="all",
+                                 recipe={"max_steps": None, "max_train_tokens": None}))
+    assert recipe_for(DrafterConfig(name="g", init="target", tasks="all", recipe={})).max_steps == 400
