@@ -46,6 +46,7 @@ pytestmark = pytest.mark.slow
 
 ARMS = ("baseline", "ngram")
 REQUESTS = 17  # odd: see the module docstring
+AIPERF_WARMUP = 2  # requests AIPerf sends before it measures (not in its figures; recorded by the gateway)
 MAX_TOKENS = 16
 CONCURRENCY = 2
 CLIENT_TIMEOUT_S = 240
@@ -215,15 +216,23 @@ def test_aiperf_agrees_with_the_records(aiperf, gateway, offline_env, work, prog
                      "--request-count", str(REQUESTS), "--concurrency", str(CONCURRENCY),
                      "--output-tokens-mean", str(MAX_TOKENS), "--output-tokens-stddev", "0",
                      "--extra-inputs", "ignore_eos:true", "--extra-inputs", "temperature:0", "--use-server-token-count",
+                     # Warm-up first: AIPerf's worker processes start while its first requests are out, and on
+                     # two shared cores that start-up lands in their client-side TTFT.
+                     "--warmup-request-count", str(AIPERF_WARMUP),
                      "--header", f"X-Specdrift-Run:{run}", "--artifact-dir", str(out), "--ui-type", "none"],
                work / f"{run}.log", offline_env)
     summary = json.loads((out / "profile_export_aiperf.json").read_text())
-    exported = [json.loads(line) for line in (out / "profile_export.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "profile_export.jsonl").read_text().splitlines()]
+    assert sum(row["metadata"]["benchmark_phase"] == "warmup" for row in rows) == AIPERF_WARMUP
+    exported = [row for row in rows if row["metadata"]["benchmark_phase"] == "profiling"]
     per_request = [row["metrics"] for row in exported]
-    records = gateway_records(gateway, run)
-    # AIPerf sends X-Request-ID and exports it: the gateway's records join its requests one by one.
+    sent = gateway_records(gateway, run)
+    assert len(sent) == REQUESTS + AIPERF_WARMUP, "every request AIPerf sent, warm-up included, is recorded"
+    # AIPerf sends X-Request-ID and exports it for the profiled requests: they join the records one by one.
+    profiled = {row["metadata"]["x_request_id"] for row in exported}
+    records = [r for r in sent if r["client_request_id"] in profiled]
     by_client_id = {r["client_request_id"]: r for r in records}
-    assert set(by_client_id) == {row["metadata"]["x_request_id"] for row in exported}
+    assert set(by_client_id) == profiled
     for row in exported:
         record, metrics = by_client_id[row["metadata"]["x_request_id"]], row["metrics"]
         assert metrics["output_token_count"]["value"] == record["completion_tokens"]
