@@ -224,21 +224,14 @@ def _percentile(values: np.ndarray, n: int) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
-def delta_t_interval(estimate: float, influence: np.ndarray) -> list[float]:
-    """estimate ± t_(n-1) se, se from the linearised (delta-method) influence of each unit."""
-    n = influence.size
-    se = math.sqrt(float((influence ** 2).sum()) * n / (n - 1))
-    return stats.t_interval(estimate, se, n - 1)
-
-
 def log_delta_t_interval(estimate: float, influence: np.ndarray) -> list[float]:
     """exp(log estimate ± t_(n-1) se / estimate): the delta-method t interval on the log
     scale (issue 12: a ratio of skewed per-prompt counts keeps its level there at small n,
     where the linear interval covers 0.89-0.90 at n = 3-5; tests/test_inference.py).
     A zero estimate has no log: the linear interval then."""
     if estimate <= 0:
-        return delta_t_interval(estimate, influence)
-    lo, hi = delta_t_interval(math.log(estimate), influence / estimate)
+        return stats.delta_t_interval(estimate, influence)
+    lo, hi = stats.delta_t_interval(math.log(estimate), influence / estimate)
     return [math.exp(lo), math.exp(hi)]
 
 
@@ -264,57 +257,6 @@ def ratio_interval(num: np.ndarray, den: np.ndarray, weights: np.ndarray, codes:
     with np.errstate(invalid="ignore", divide="ignore"):
         values = (w * num[idx]).sum(axis=1) / (w * den[idx]).sum(axis=1)
     return _percentile(values, n), "bootstrap over prompts within strata, expanded percentile"
-
-
-def mean_interval(values: np.ndarray) -> list[float] | None:
-    """The t interval of a mean (n-1 df)."""
-    n = values.size
-    if n < stats.MIN_UNITS_FOR_CI:
-        return None
-    return delta_t_interval(float(values.mean()), (values - values.mean()) / n)
-
-
-def stratified_mean(groups: list[tuple[float, np.ndarray]]) -> tuple[float | None, list[float] | None]:
-    """sum_s W_s mean(y_s) with weights W_s (summing to 1) and a t interval,
-    degrees of freedom by Welch-Satterthwaite. A stratum with one value has no
-    variance of its own: for the interval it is collapsed into its neighbour
-    (the next stratum, else the previous; Cochran's collapsed strata). The
-    collapsed group keeps each value's own weight w_i = W_s / n_s: its variance
-    is n/(n-1) sum (w_i y_i - mean w y)^2 and its degrees of freedom n_eff - 1
-    (Kish's n_eff = (sum w)^2 / sum w^2, at least 1), so a heavy one-value
-    stratum widens the interval as it should (issue 12: merging with equal
-    weights covered 0.66 when the one value carried 90% of the weight;
-    tests/test_inference.py). With equal weights this is the plain stratum
-    variance. No interval below MIN_UNITS_FOR_CI values in all."""
-    groups = [(w, y) for w, y in groups if y.size]
-    if not groups:
-        return None, None
-    total = sum(w for w, _ in groups)
-    mean = sum(w / total * y.mean() for w, y in groups)
-    collapsed = _collapse_singletons([(np.full(y.size, w / total / y.size), y) for w, y in groups])
-    if min(y.size for _, y in collapsed) < 2 or sum(y.size for _, y in collapsed) < stats.MIN_UNITS_FOR_CI:
-        return float(mean), None
-    parts, dfs = [], []
-    for w, y in collapsed:
-        z = w * y
-        parts.append(y.size / (y.size - 1) * float(((z - z.mean()) ** 2).sum()))
-        dfs.append(max(1.0, float(w.sum() ** 2 / (w ** 2).sum()) - 1))
-    variance = sum(parts)
-    if variance <= 0:
-        return float(mean), [float(mean), float(mean)]
-    df = variance ** 2 / sum(p ** 2 / d for p, d in zip(parts, dfs) if p > 0)
-    return float(mean), stats.t_interval(float(mean), math.sqrt(variance), df)
-
-
-def _collapse_singletons(groups: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Merge each one-value stratum into its neighbour; groups are (per-value weights, values)."""
-    groups = list(groups)
-    while len(groups) > 1 and any(y.size < 2 for _, y in groups):
-        i = next(i for i, (_, y) in enumerate(groups) if y.size < 2)
-        a, b = sorted((i, i + 1 if i + 1 < len(groups) else i - 1))
-        groups[a] = (np.concatenate([groups[a][0], groups[b][0]]), np.concatenate([groups[a][1], groups[b][1]]))
-        del groups[b]
-    return groups
 
 
 # --- 1. acceptance per (arm, K, task, stratum) ---------------------------------------------------
@@ -416,7 +358,7 @@ def _finetune(run: RunData, units: dict) -> list[dict]:
                     groups = [(float(weights[(valid["stratum"] == s).to_numpy()].sum()),
                                valid.loc[valid["stratum"] == s, "y"].to_numpy(float))
                               for s in sorted(valid["stratum"].unique(), key=stratum_key)]
-                    mean, ci = stratified_mean(groups)
+                    mean, ci = stats.stratified_mean(groups)
                     tau_ft = float((weights * valid["tau_ft"]).sum()) if len(valid) else None
                     tau_gen = float((weights * valid["tau_gen"]).sum()) if len(valid) else None
                     row.update(weights=how + ", Welch-Satterthwaite t interval", mean_y=mean, ci=ci)
@@ -425,7 +367,7 @@ def _finetune(run: RunData, units: dict) -> list[dict]:
                     mean = float(y.mean()) if y.size else None
                     tau_ft = float(valid["tau_ft"].mean()) if len(valid) else None
                     tau_gen = float(valid["tau_gen"].mean()) if len(valid) else None
-                    row.update(weights="prompts equally, t interval", mean_y=mean, ci=mean_interval(y))
+                    row.update(weights="prompts equally, t interval", mean_y=mean, ci=stats.mean_interval(y))
                 row.update(ratio=None if row["mean_y"] is None else math.exp(row["mean_y"]),
                            ratio_ci=None if row["ci"] is None else [math.exp(b) for b in row["ci"]],
                            tau_ft=tau_ft, tau_gen=tau_gen)
@@ -465,7 +407,7 @@ def _gap(served_a, served_d, replay_a, replay_d, seed) -> tuple[float | None, li
     if n < stats.SMALL_SAMPLE:
         rs, rr = served_a.sum() / served_d.sum(), replay_a.sum() / replay_d.sum()
         influence = (served_a - rs * served_d) / served_d.sum() - (replay_a - rr * replay_d) / replay_d.sum()
-        return float(gap), delta_t_interval(float(gap), influence), "delta method, t (small n)"
+        return float(gap), stats.delta_t_interval(float(gap), influence), "delta method, t (small n)"
     with np.errstate(invalid="ignore", divide="ignore"):
         ci = stats.bootstrap_ci(lambda idx: served_a[idx].sum(1) / served_d[idx].sum(1)
                                 - replay_a[idx].sum(1) / replay_d[idx].sum(1), n, seed)

@@ -161,3 +161,63 @@ def spearman(x, y) -> dict:
 def excludes(ci, value: float) -> bool:
     """True when an interval lies wholly on one side of `value`."""
     return ci is not None and None not in ci and (ci[0] > value or ci[1] < value)
+
+
+# --- small-sample t intervals (issue 12) ---------------------------------------------------
+
+def delta_t_interval(estimate: float, influence: np.ndarray) -> list[float]:
+    """estimate ± t_(n-1) se, se from the linearised (delta-method) influence of each unit."""
+    n = influence.size
+    se = math.sqrt(float((influence ** 2).sum()) * n / (n - 1))
+    return t_interval(estimate, se, n - 1)
+
+
+def mean_interval(values: np.ndarray) -> list[float] | None:
+    """The t interval of a mean (n-1 df)."""
+    n = values.size
+    if n < MIN_UNITS_FOR_CI:
+        return None
+    return delta_t_interval(float(values.mean()), (values - values.mean()) / n)
+
+
+def stratified_mean(groups: list[tuple[float, np.ndarray]]) -> tuple[float | None, list[float] | None]:
+    """sum_s W_s mean(y_s) with weights W_s (summing to 1) and a t interval,
+    degrees of freedom by Welch-Satterthwaite. A stratum with one value has no
+    variance of its own: for the interval it is collapsed into its neighbour
+    (the next stratum, else the previous; Cochran's collapsed strata). The
+    collapsed group keeps each value's own weight w_i = W_s / n_s: its variance
+    is n/(n-1) sum (w_i y_i - mean w y)^2 and its degrees of freedom n_eff - 1
+    (Kish's n_eff = (sum w)^2 / sum w^2, at least 1), so a heavy one-value
+    stratum widens the interval as it should (issue 12: merging with equal
+    weights covered 0.66 when the one value carried 90% of the weight;
+    tests/test_inference.py). With equal weights this is the plain stratum
+    variance. No interval below MIN_UNITS_FOR_CI values in all."""
+    groups = [(w, y) for w, y in groups if y.size]
+    if not groups:
+        return None, None
+    total = sum(w for w, _ in groups)
+    mean = sum(w / total * y.mean() for w, y in groups)
+    collapsed = collapse_singletons([(np.full(y.size, w / total / y.size), y) for w, y in groups])
+    if min(y.size for _, y in collapsed) < 2 or sum(y.size for _, y in collapsed) < MIN_UNITS_FOR_CI:
+        return float(mean), None
+    parts, dfs = [], []
+    for w, y in collapsed:
+        z = w * y
+        parts.append(y.size / (y.size - 1) * float(((z - z.mean()) ** 2).sum()))
+        dfs.append(max(1.0, float(w.sum() ** 2 / (w ** 2).sum()) - 1))
+    variance = sum(parts)
+    if variance <= 0:
+        return float(mean), [float(mean), float(mean)]
+    df = variance ** 2 / sum(p ** 2 / d for p, d in zip(parts, dfs) if p > 0)
+    return float(mean), t_interval(float(mean), math.sqrt(variance), df)
+
+
+def collapse_singletons(groups: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Merge each one-value stratum into its neighbour; groups are (per-value weights, values)."""
+    groups = list(groups)
+    while len(groups) > 1 and any(y.size < 2 for _, y in groups):
+        i = next(i for i, (_, y) in enumerate(groups) if y.size < 2)
+        a, b = sorted((i, i + 1 if i + 1 < len(groups) else i - 1))
+        groups[a] = (np.concatenate([groups[a][0], groups[b][0]]), np.concatenate([groups[a][1], groups[b][1]]))
+        del groups[b]
+    return groups

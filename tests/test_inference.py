@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import inference, replayed
+from analysis import inference, replayed, stats
 from analysis.report import results_json, write_report
 from analysis.results import compute_results
 from analysis.rundir import Drafter, load_run
@@ -116,7 +116,7 @@ def test_mean_t_interval_keeps_its_level_at_small_n(scenario):
     coverage = {}
     for n in NS:
         y = draw(np.random.default_rng(3000 + n), (REPS, n))
-        coverage[n] = np.mean([_covers(replayed.mean_interval(row), truth) for row in y])
+        coverage[n] = np.mean([_covers(stats.mean_interval(row), truth) for row in y])
     assert min(coverage.values()) >= LEVEL_FLOOR, coverage
 
 
@@ -136,15 +136,15 @@ def test_stratified_mean_keeps_its_level_at_small_n(sizes, shares):
         hits = 0
         for _ in range(REPS):
             groups = [(w, m + s * rng.standard_normal(k)) for w, k, m, s in zip(shares, sizes, means, sds)]
-            hits += _covers(replayed.stratified_mean(groups)[1], truth)
+            hits += _covers(stats.stratified_mean(groups)[1], truth)
         assert hits / REPS >= LEVEL_FLOOR, (sizes, shares, sds, hits / REPS)
 
 
 def test_stratified_mean_with_equal_weights_is_the_plain_t_interval():
     y = np.array([0.1, 0.3, 0.2, 0.6])
-    mean, ci = replayed.stratified_mean([(0.75, y[:3]), (0.25, y[3:])])  # 0.25 each: the one-prompt stratum
+    mean, ci = stats.stratified_mean([(0.75, y[:3]), (0.25, y[3:])])  # 0.25 each: the one-prompt stratum
     assert mean == pytest.approx(y.mean())
-    assert ci == pytest.approx(replayed.mean_interval(y))
+    assert ci == pytest.approx(stats.mean_interval(y))
 
 
 # --- the length-shift model ----------------------------------------------------------------------

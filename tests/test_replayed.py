@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from analysis import chain, replayed
+from analysis import chain, replayed, stats
 from analysis.cells import ALL
 from analysis.report import REPLAY_HEADING, results_json, write_report
 from analysis.results import compute_results
@@ -162,7 +162,7 @@ def test_y_table_is_the_mean_log_tau_ratio_with_a_t_interval(exact):
 
 def test_stratified_mean_by_hand():
     a, b = np.array([0.1, 0.3, 0.2]), np.array([0.5, 0.7])
-    mean, ci = replayed.stratified_mean([(0.25, a), (0.75, b)])
+    mean, ci = stats.stratified_mean([(0.25, a), (0.75, b)])
     assert mean == pytest.approx(0.25 * a.mean() + 0.75 * b.mean())
     parts = [0.25 ** 2 * a.var(ddof=1) / 3, 0.75 ** 2 * b.var(ddof=1) / 2]
     df = sum(parts) ** 2 / (parts[0] ** 2 / 2 + parts[1] ** 2 / 1)
@@ -170,7 +170,7 @@ def test_stratified_mean_by_hand():
     assert ci == pytest.approx([mean - half, mean + half])
     # A stratum of one is collapsed into its neighbour for the interval (its estimate stays its own),
     # each value keeping its weight (issue 12): Cochran's collapsed-strata variance, Kish's n_eff - 1 df.
-    single_mean, single_ci = replayed.stratified_mean([(0.5, a), (0.5, np.array([1.0]))])
+    single_mean, single_ci = stats.stratified_mean([(0.5, a), (0.5, np.array([1.0]))])
     assert single_mean == pytest.approx(0.5 * a.mean() + 0.5)
     w, joined = np.array([0.5 / 3] * 3 + [0.5]), np.append(a, 1.0)
     z = w * joined
@@ -178,7 +178,7 @@ def test_stratified_mean_by_hand():
     df = max(1.0, w.sum() ** 2 / (w ** 2).sum() - 1)
     half = sps.t.ppf(0.975, df) * math.sqrt(variance)
     assert single_ci[1] - single_ci[0] == pytest.approx(2 * half)
-    assert replayed.stratified_mean([(1.0, np.array([1.0]))])[1] is None
+    assert stats.stratified_mean([(1.0, np.array([1.0]))])[1] is None
 
 
 def test_prompts_without_drafts_are_excluded_and_counted(exact):
@@ -311,7 +311,7 @@ def test_replayed_results_are_byte_identical_on_reanalysis(exact, tmp_path):
 
 
 def test_a_one_prompt_stratum_is_collapsed_into_its_neighbour_for_the_interval():
-    from analysis.replayed import stratified_mean
+    from analysis.stats import stratified_mean
 
     rng = np.random.default_rng(3)
     big, small, single = rng.normal(0.1, 0.2, 150), rng.normal(0.0, 0.2, 30), np.array([0.5])
