@@ -294,6 +294,28 @@ class LoadRegime(StrictModel):
         return [step_regime(self.label, step.label, len(steps)) for step in steps]
 
 
+class CrossoverConfig(StrictModel):
+    """The within-domain length contrast (issue 12): two tasks of one domain,
+    one with short prompts and one with long, each with drafters fine-tuned
+    on it (continued from the design's generic drafter, one per seed)."""
+
+    short: str
+    long: str
+
+
+class DesignConfig(StrictModel):
+    """What the report tests (analysis/design.py). `generic`: the drafter the
+    matrix's fine-tuned drafters continue from (every drafter with init:
+    generic and one task is one cell of the matrix; drafters that differ only
+    in recipe.seed are seeds of one). `preregistration`: a file (relative to
+    the config) stating the hypotheses before the run; its hash goes into
+    results.json."""
+
+    generic: str | None = None
+    crossover: CrossoverConfig | None = None
+    preregistration: str | None = None
+
+
 class ExperimentConfig(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
     cache_dir: str | None = None
@@ -308,6 +330,7 @@ class ExperimentConfig(StrictModel):
     regimes: list[LoadRegime] = Field(default_factory=lambda: [LoadRegime(kind="sequential")])
     cost: CostConfig = Field(default_factory=CostConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    design: DesignConfig = Field(default_factory=DesignConfig)
     temperature: float = Field(default=0.0, ge=0)
 
     # Set by load_config: the file this came from, for resolving relative paths.
@@ -329,6 +352,17 @@ class ExperimentConfig(StrictModel):
         for d in self.drafters:
             if d.init != "target" and d.init not in drafter_names:
                 raise ValueError(f"drafter {d.name!r} starts from {d.init!r}, which is neither 'target' nor a drafter")
+        design = self.design
+        if design.generic is not None and design.generic not in drafter_names:
+            raise ValueError(f"design.generic: {design.generic!r} is not in 'drafters'")
+        if design.crossover is not None:
+            if design.generic is None:
+                raise ValueError("design.crossover needs design.generic: its drafters continue from it")
+            for side in ("short", "long"):
+                task = getattr(design.crossover, side)
+                if not any(d.init == design.generic and d.tasks == [task] for d in self.drafters):
+                    raise ValueError(f"design.crossover.{side}: no drafter continues from {design.generic!r} "
+                                     f"on tasks: [{task}]")
         for name in self.cost.sweep_arms:
             arm = next((a for a in self.arms if a.name == name), None)
             if arm is None or arm.speculative is None or arm.speculative.method == "ngram":

@@ -296,6 +296,7 @@ class RunFiles:
         self.root = Path(root)
         self.config = self.root / "config.resolved.yaml"
         self.environment = self.root / "environment.json"
+        self.preregistration = self.root / "preregistration.yaml"  # the design's, copied at the start
         self.state = self.root / "state.json"
         self.workload = self.root / "workload.jsonl"
         self.workload_build = workload_sidecar(self.workload, "build.json")

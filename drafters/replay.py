@@ -43,13 +43,16 @@ MAX_EXTEND = 16
 
 
 def replayed_drafters(config: ExperimentConfig, arm_names: list[str]) -> list[str]:
-    """The drafters that the named draft-model arms serve, each once."""
+    """The drafters that the named draft-model arms serve, each once, then
+    every configured drafter that no arm of the config serves: the design's
+    drafter matrix is replayed, not served (issue 12)."""
     names = []
     for name in arm_names:
         spec = config.arm(name).speculative
         if spec and spec.method == "draft_model" and spec.drafter and spec.drafter not in names:
             names.append(spec.drafter)
-    return names
+    served = {a.speculative.drafter for a in config.arms if a.speculative and a.speculative.drafter}
+    return names + [d.name for d in config.drafters if d.name not in served and d.name not in names]
 
 
 def extension(config: ExperimentConfig) -> int:
@@ -191,8 +194,9 @@ def teacher_forced(config: ExperimentConfig, directory: Path, targets: list[dict
 
 
 def replay_inputs(config: ExperimentConfig, run: RunFiles, arm_names: list[str], log_dir: Path,
-                  progress=print) -> dict:
-    """Write the run's replay files for the named arms' drafters; returns replay.json's content."""
+                  progress=print, only: str | None = None) -> dict:
+    """Write the run's replay files for the named arms' drafters and the
+    replay-only ones (or drafter `only`); returns replay.json's content."""
     rows = read_workload(run.replay_workload)
     run.replay.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -202,7 +206,7 @@ def replay_inputs(config: ExperimentConfig, run: RunFiles, arm_names: list[str],
             "targets": {"prompts": len(targets), "seconds": round(time.monotonic() - started, 1)}, "drafters": {}}
     write_jsonl(run.replay_targets, targets)
     lines = []
-    for name in replayed_drafters(config, arm_names):
+    for name in [n for n in replayed_drafters(config, arm_names) if only in (None, n)]:
         began = time.monotonic()
         lines += drafter_matches(config, name, targets, progress)
         card = read_card(drafter_dir(config, name)) or {}

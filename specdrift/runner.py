@@ -62,7 +62,7 @@ from core.environment import describe
 from core.models import directory_hashes, prepare_target
 from core.paths import drafter_dir, target_dir
 from core.processes import Child, ProcessStack, log_tail, start_child
-from drafters.replay import replay_inputs
+from drafters.replay import replay_inputs, replayed_drafters
 from loadgen.shapes import locust_shape_options
 from service.launch import start_gateway
 from service.records import copy_records
@@ -120,6 +120,7 @@ def open_run_dir(config: ExperimentConfig, out: Path | None, resume: bool) -> tu
                            f"--config {run.config} or start a new run")
         return run, state
     run_id = out.name if out else new_run_id(config)
+    preregistration = preregistration_path(config) if config.design.preregistration else None
     run = RunFiles(out or Path("runs") / run_id)
     if run.state.exists():
         raise RunError(f"{run.root} already holds a run; use --resume to continue it or choose another --out")
@@ -127,8 +128,18 @@ def open_run_dir(config: ExperimentConfig, out: Path | None, resume: bool) -> tu
         folder.mkdir(parents=True, exist_ok=True)
     state = RunState(run_id=run_id)
     run.config.write_text(yaml.safe_dump(resolved_config(config), sort_keys=False))
+    if preregistration is not None:
+        # Copied before anything is measured: the report checks its hypotheses against this copy.
+        shutil.copy2(preregistration, run.preregistration)
     state.save(run.state)
     return run, state
+
+
+def preregistration_path(config: ExperimentConfig) -> Path:
+    path = config.resolve_path(config.design.preregistration)
+    if not path.is_file():
+        raise RunError(f"design.preregistration: no such file {path}")
+    return path
 
 
 def resolved_config(config: ExperimentConfig) -> dict:
@@ -153,12 +164,8 @@ def write_environment(config: ExperimentConfig, run: RunFiles, drafter_names: li
 
 
 def drafters_used(config: ExperimentConfig, arm_names: list[str]) -> list[str]:
-    names = []
-    for name in arm_names:
-        spec = config.arm(name).speculative
-        if spec and spec.drafter:
-            names.append(spec.drafter)
-    return names
+    """The named arms' drafters, then the replay-only ones (their cards go into the run too)."""
+    return replayed_drafters(config, arm_names)
 
 
 def replay_enabled(config: ExperimentConfig, progress=print) -> bool:
@@ -328,7 +335,7 @@ def replay_experiment(config: ExperimentConfig, out: Path | None = None, drafter
     if not run.environment.exists():
         write_environment(config, run, drafters_used(config, arms))
     progress("== acceptance replay")
-    replay_inputs(config, run, arms, run.logs, progress)
+    replay_inputs(config, run, arms, run.logs, progress, only=drafter)
     report_into(run, f"replay done in {format_eta(time.monotonic() - started)}", progress)
     return run.root
 

@@ -44,8 +44,12 @@ def test_targets_extend_by_the_largest_k_replayed_or_served(default_config):
 
 def test_each_draft_model_drafter_is_replayed_once_and_ngram_needs_none(default_config):
     names = [a.name for a in default_config.arms]
-    assert replayed_drafters(default_config, names) == ["generic", "finetuned"]
-    assert replayed_drafters(default_config, ["baseline", "ngram"]) == []
+    replay_only = [d.name for d in default_config.drafters if d.name not in ("generic", "finetuned")]
+    assert replay_only, "the default's drafter matrix has drafters that no arm serves"
+    # The served arms' drafters first, then the matrix's replay-only drafters, each once.
+    assert replayed_drafters(default_config, names) == ["generic", "finetuned", *replay_only]
+    # An arm left out of the run does not take its drafter along; replay-only drafters stay.
+    assert replayed_drafters(default_config, ["baseline", "ngram"]) == replay_only
 
 
 def test_token_id_hash_is_compact_json():
