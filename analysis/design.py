@@ -21,10 +21,13 @@ is a larger gain of the fine-tuned drafter over the generic one.
   drafter-level effect shared by all the set's prompts) is not prompt noise,
   and `seed_spread` shows how far single-seed estimates disagree.
 - `matrix` (H2): every fine-tuned drafter on every task; the in-domain
-  coefficient of y ~ in_domain + x + C(drafter) + C(task) (prompt random
-  intercept) is the diagonal's gain at a fixed length shift x, its df counted
-  in (drafter, task) cells, not prompts; and an exact task-level permutation
-  test of the double-centred diagonal of the cell means.
+  coefficient of y ~ in_domain + x + C(drafter) + C(task), fitted by least
+  squares on the (drafter, task) cell means, is the diagonal's gain at a
+  fixed length shift x: in_domain varies only between cells, and each cell
+  has its own gain, so the cells are the units (a prompt-level mixed model,
+  reported beside it, assumes no cell gain and is too narrow when there is
+  one); and an exact task-level permutation test of the double-centred
+  diagonal of the cell means.
 - `minimal_detectable_effect`, `planned_n`, `verdict`: power and the reading
   of an interval against the smallest effect of interest.
 
@@ -52,10 +55,11 @@ CROSSOVER_METHOD = (
     "c = y(matched family) - y(mismatched family), seeds averaged; each eval set's c post-stratified to its natural "
     "stratum shares; theta = the mean of the two sets' estimates, t interval with Welch-Satterthwaite df; exp(theta) "
     "is the ratio of tau_matched / tau_mismatched (each against the generic drafter).")
-MATRIX_METHOD = ("mixedlm (REML): y ~ in_domain + x + C(drafter) + C(task), random intercept per prompt; Wald se by "
-                 "GLS at the fitted variances, t quantile with df = (drafter, task) cells - fixed-effect parameters")
-MATRIX_FALLBACK = ("ols: y ~ in_domain + x + C(drafter) + C(task), cluster-robust se by (drafter, task) cell "
-                   "(the mixed model did not fit)")
+MATRIX_METHOD = ("least squares on the (drafter, task) cell means (post-stratified mean y, mean x): y ~ in_domain + x "
+                 "+ C(drafter) + C(task), t interval with df = cells - parameters (in_domain varies between cells "
+                 "only, and each cell has its own gain)")
+PROMPT_MODEL = ("check: mixedlm (REML) on prompts, y ~ in_domain + x + C(drafter) + C(task), random intercept per "
+                "prompt, GLS se, df = cells - parameters; it assumes no cell-level gain, so its interval is narrower")
 SLOPE_NOTE = ("x's slope is read across domains as well as within them: the drafter and task effects absorb the "
               "domains' levels, but not a domain-specific length effect")
 
@@ -135,27 +139,40 @@ def _clean(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 
 # --- H1: the 2x2 length crossover ------------------------------------------------------------------------
 
+def _set_groups(values: np.ndarray, strata: np.ndarray, weights: np.ndarray) -> list[tuple[float, np.ndarray]]:
+    """stratified_mean's (share, values) per stratum, strata in sorted order, from per-prompt arrays."""
+    return [(float(weights[strata == s][0]), values[strata == s]) for s in np.unique(strata)]
+
+
 def crossover_effect(frame: pd.DataFrame) -> dict:
     """The primary estimate of theta on a frame without NaN y (crossover's input columns)."""
-    info = frame.groupby("prompt_id", sort=True)[["eval_set", "stratum", "weight"]].first()
-    by_family = frame.groupby(["prompt_id", "family"], sort=True)["y"].mean().unstack("family")
-    by_family = by_family.reindex(columns=list(SETS))
-    matched = np.where(info.loc[by_family.index, "eval_set"] == "short", by_family["short"], by_family["long"])
-    mismatched = np.where(info.loc[by_family.index, "eval_set"] == "short", by_family["long"], by_family["short"])
-    contrast = pd.Series(matched - mismatched, index=by_family.index).dropna()
-    unpaired = int(len(info) - len(contrast))
-    per_set, means, variances, dfs = {}, [], [], []
+    codes, prompts = pd.factorize(frame["prompt_id"], sort=True)
+    first = np.unique(codes, return_index=True)[1]  # each prompt's first row: its eval set, stratum, weight
+    eval_set = frame["eval_set"].to_numpy()[first]
+    strata = frame["stratum"].astype(str).to_numpy()[first]
+    weights = frame["weight"].to_numpy(float)[first]
+    y, family = frame["y"].to_numpy(float), frame["family"].to_numpy()
+    means = {}
+    for name in SETS:  # each family's y per prompt, its seeds averaged (NaN where it has no row)
+        mine = family == name
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means[name] = (np.bincount(codes[mine], y[mine], minlength=prompts.size)
+                           / np.bincount(codes[mine], minlength=prompts.size))
+    contrast = np.where(eval_set == "short", means["short"] - means["long"], means["long"] - means["short"])
+    paired = np.isfinite(contrast)
+    unpaired = int((~paired).sum())
+    per_set, set_means, variances, dfs = {}, [], [], []
     for name in SETS:
-        c = contrast[info.loc[contrast.index, "eval_set"] == name]
-        mean, variance, df = stratified_parts(_groups(c, info))
-        per_set[name] = {"n": int(c.size), "effect": mean,
+        mine = paired & (eval_set == name)
+        mean, variance, df = stratified_parts(_set_groups(contrast[mine], strata[mine], weights[mine]))
+        per_set[name] = {"n": int(mine.sum()), "effect": mean,
                          "ci": stats.t_interval(mean, math.sqrt(variance), df) if df else None}
-        means.append(mean), variances.append(variance), dfs.append(df)
+        set_means.append(mean), variances.append(variance), dfs.append(df)
     n_prompts = {name: per_set[name]["n"] for name in SETS}
-    if None in means:
+    if None in set_means:
         return {**_t_result(math.nan, None, None), "effect": None, "n_prompts": n_prompts, "unpaired": unpaired,
                 "per_set": per_set, "note": "an eval set has no prompt with both families"}
-    theta = 0.5 * (means[0] + means[1])
+    theta = 0.5 * (set_means[0] + set_means[1])
     if None in variances:
         result = _t_result(theta, None, None)
     elif sum(variances) == 0:
@@ -255,30 +272,49 @@ def crossover(frame: pd.DataFrame) -> dict:
 
 # --- H2: the drafter x task matrix -------------------------------------------------------------------------
 
-def _matrix_model(frame: pd.DataFrame) -> tuple[dict, dict, str, str | None]:
-    """in_domain and x coefficients of the fixed-effect model, with the mixed fit or the OLS fallback."""
+def _matrix_cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (drafter, task): the post-stratified mean y, the mean x, in_domain."""
+    info = frame.groupby("prompt_id", sort=True)[["stratum", "weight"]].first()
+    rows = []
+    for (drafter, task), part in frame.groupby(["drafter", "task"], sort=True):
+        y = part.groupby("prompt_id", sort=True)["y"].mean()
+        mean, _, _ = stratified_parts(_groups(y, info))
+        rows.append({"drafter": drafter, "task": task, "y": mean, "x": float(part["x"].mean()),
+                     "in_domain": float(bool(part["in_domain"].iloc[0]))})
+    return pd.DataFrame(rows)
+
+
+def _matrix_model(frame: pd.DataFrame) -> tuple[dict, dict, str, str | None, dict]:
+    """in_domain and x coefficients of the cell-means least squares (primary), and the prompt-level
+    mixed model beside it. in_domain varies only between (drafter, task) cells, and each cell has
+    its own gain beyond the main effects: a prompt-level model reads that cell noise as signal
+    (false-positive rate 0.17 at a cell sd of 0.05, tests/test_design.py), the cells do not."""
     formula = "y ~ in_domain + x + C(drafter) + C(task)"
+    cells = _matrix_cells(frame)
+    empty = _t_result(math.nan, None, None)
+    try:
+        fit = smf.ols(formula, cells).fit()
+        df = float(fit.df_resid)
+        if df < 1 or not np.isfinite(fit.bse[["in_domain", "x"]]).all():
+            raise ValueError("no residual degrees of freedom")
+        out = [_t_result(float(fit.params[k]), float(fit.bse[k]), df) for k in ("in_domain", "x")]
+        model, fallback = MATRIX_METHOD, None
+    except (ValueError, KeyError, np.linalg.LinAlgError) as err:
+        out, model, fallback = [empty, empty], MATRIX_METHOD, f"the cell-means fit failed ({err})"
     data = frame.assign(in_domain=frame["in_domain"].astype(float))
-    cells = data["drafter"].astype(str) + "|" + data["task"].astype(str)
-    n_cells = int(cells.nunique())
+    n_cells = len(cells)
     result = _mixedlm(formula, data, "prompt_id", None)
-    if result is not None:
+    if result is None:
+        check = {"model": PROMPT_MODEL, "fallback": "the mixed model did not fit", **empty}
+    else:
         names = list(result.model.exog_names)
         groups = pd.factorize(data["prompt_id"], sort=True)[0]
         se = _gls_se(np.asarray(result.model.exog), groups, float(result.scale),
                      [(float(result.cov_re.iloc[0, 0]), groups)])
-        df = n_cells - len(names)
-        out = [_t_result(float(result.params[k]), float(se[names.index(k)]), df) for k in ("in_domain", "x")]
-        return out[0], out[1], MATRIX_METHOD, None
-    try:
-        fit = smf.ols(formula, data).fit(cov_type="cluster",
-                                         cov_kwds={"groups": pd.factorize(cells, sort=True)[0]})
-    except (ValueError, np.linalg.LinAlgError):
-        empty = _t_result(math.nan, None, None)
-        return empty, empty, MATRIX_FALLBACK, "the mixed model and the least-squares fit both failed"
-    df = n_cells - len(fit.params)
-    out = [_t_result(float(fit.params[k]), float(fit.bse[k]), df) for k in ("in_domain", "x")]
-    return out[0], out[1], MATRIX_FALLBACK, "the mixed model did not fit: OLS with a cluster-robust se by cell"
+        check = {"model": PROMPT_MODEL, "fallback": None,
+                 **_t_result(float(result.params["in_domain"]), float(se[names.index("in_domain")]),
+                             n_cells - len(names))}
+    return out[0], out[1], model, fallback, check
 
 
 def _cell_means(frame: pd.DataFrame) -> list[dict]:
@@ -325,14 +361,22 @@ def diagonal_permutation(cells: list[dict], own_task: dict, seed: int) -> dict:
 
 def matrix(frame: pd.DataFrame, seed: int) -> dict:
     """H2 on the drafter x task matrix (module docstring): the in-domain coefficient at a fixed
-    length shift, the length slope, the task-level permutation test and the cells."""
-    frame, excluded = _clean(frame.dropna(subset=["x"]))
-    frame = frame.assign(in_domain=(frame["drafter_task"] == frame["task"]).to_numpy())
-    in_domain, slope, model, fallback = _matrix_model(frame)
+    length shift, the length slope, the task-level permutation test and the cells. in_domain is
+    drafter_task == task unless the frame brings its own column."""
+    kept = frame.dropna(subset=["y", "x"]).reset_index(drop=True)
+    excluded = int(len(frame) - len(kept))
+    # A caller's own in_domain (e.g. two tasks of one domain) is kept; else drafter_task == task.
+    same = kept["in_domain"].astype(bool) if "in_domain" in kept else kept["drafter_task"] == kept["task"]
+    frame = kept.assign(in_domain=same.to_numpy())
+    if frame["in_domain"].nunique() < 2 or frame["x"].nunique() < 2:
+        empty = _t_result(math.nan, None, None)
+        in_domain, slope, model, fallback = empty, empty, MATRIX_METHOD, "in_domain or x does not vary: no fit"
+    else:
+        in_domain, slope, model, fallback, check = _matrix_model(frame)
     cells = _cell_means(frame)
     own_task = frame.groupby("family")["drafter_task"].first().astype(str).to_dict()
     return {"in_domain": in_domain, "length_slope": {**slope, "note": SLOPE_NOTE}, "model": model,
-            "fallback": fallback, "permutation": diagonal_permutation(cells, own_task, seed), "cells": cells,
+            "fallback": fallback, "prompt_model": check, "permutation": diagonal_permutation(cells, own_task, seed), "cells": cells,
             "n_prompts": int(frame["prompt_id"].nunique()), "n_drafters": int(frame["drafter"].nunique()),
             "n_tasks": int(frame["task"].nunique()), "n_cells": int(frame.groupby(["drafter", "task"]).ngroups),
             "excluded": excluded, "level": stats.LEVEL}

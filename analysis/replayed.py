@@ -72,7 +72,7 @@ def arm_ks(run: RunData, arm: ArmInfo) -> list[int]:
     return sorted(set(run.replay.k) | {int(arm.num_speculative_tokens)})
 
 
-def _trace(run: RunData, arm: ArmInfo, prompt_id: str, k: int) -> chain.Trace:
+def prompt_trace(run: RunData, arm: ArmInfo, prompt_id: str, k: int) -> chain.Trace:
     replay = run.replay
     target = replay.targets[prompt_id]
     # Without a recorded max_model_len the cap never binds.
@@ -110,7 +110,7 @@ def prompt_units(run: RunData) -> dict[tuple[str, int], pd.DataFrame]:
         for k in arm_ks(run, arm):
             rows = []
             for pid, (outside, scored) in zip(ids, oov):
-                trace = _trace(run, arm, pid, k)
+                trace = prompt_trace(run, arm, pid, k)
                 rows.append([pid, trace.drafts, trace.draft_tokens, trace.accepted_tokens, trace.per_position(k),
                              trace.decode_steps, max(0, run.replay.targets[pid]["served_tokens"] - 1), outside,
                              scored])

@@ -308,6 +308,111 @@ def _replay_section(results: Results, figures: dict) -> list:
     return blocks
 
 
+DESIGN_HEADING = "Hypotheses: length against domain (pre-registered)"
+
+
+def _design_hypotheses(found) -> list:
+    rows = []
+    for h in found.hypotheses:
+        spread = h.seed_spread or {}
+        rows.append([h.id, h.effect, h.direction, text.with_ci(h.estimate, h.ci), text.with_ci(h.ratio, h.ratio_ci),
+                     text.num(h.smallest_effect), text.num(h.mde),
+                     text.num(spread.get("sd")) + (f" ({spread['n']} seeds)" if spread.get("n") else ""),
+                     f"**{h.verdict}**"])
+    return [Table(["hypothesis", "effect", "predicted", "estimate, log scale [95% CI]", "τ ratio [95% CI]",
+                   "smallest effect of interest", "minimal detectable effect (80% power)", "between-seed sd",
+                   "verdict"], rows, "Each pre-registered hypothesis, its effect and verdict")] if rows else []
+
+
+def _design_crossover(cross: dict) -> list:
+    if cross.get("missing"):
+        return [Paragraph(f"Crossover {cross['short_task']} / {cross['long_task']}: not estimable ({cross['missing']}).")]
+    model = cross.get("model") or {}
+    cells = [[c["family"], c["eval_set"], text.num(c["n"]), text.with_ci(c["mean"], c["ci"]),
+              text.with_ci(c["ratio"], c["ratio_ci"])] for c in cross["cells"]]
+    seeds = [[f"short seed {s['seeds']['short']}, long seed {s['seeds']['long']}", text.with_ci(s["effect"], s["ci"])]
+             for s in cross["per_seed"]]
+    spread = cross["seed_spread"]
+    return [
+        Heading(3, f"Within one domain: {cross['short_task']} (short) against {cross['long_task']} (long)"),
+        Paragraph(f"{cross['method']} Prompts: {cross['n_prompts']}; left out (no drafts): {cross['excluded']}. "
+                  f"θ = {text.with_ci(cross['effect'], cross['ci'])} (t df {text.num(cross['df'])}, p "
+                  f"{text.num(cross['p'])}); τ matched / mismatched {text.with_ci(cross['ratio'], cross['ratio_ci'])}. "
+                  f"Mixed-model check ({model.get('model') or 'not fitted'}): "
+                  f"{text.with_ci(model.get('effect'), model.get('ci'))}"
+                  + (f" (fallback: {model['fallback']})" if model.get("fallback") else "") + "."),
+        Table(["drafters fine-tuned on", "eval prompts", "prompts", "mean y [95% CI]", "τ ratio to generic [95% CI]"],
+              cells, "The 2 × 2 cells (seeds averaged, post-stratified to natural stratum shares)"),
+        Table(["seed pair", "θ [95% CI]"], seeds,
+              f"θ per seed: between-seed sd {text.num(spread.get('sd'))}, range {text.num(spread.get('range'))}, "
+              f"against the interval's half-width {text.num(spread.get('half_width'))}"),
+    ]
+
+
+def _design_matrix(matrix: dict, domains: dict) -> list:
+    tasks = sorted({c["task"] for c in matrix["cells"]})
+    families = sorted({c["family"] for c in matrix["cells"]})
+    means = {(c["family"], c["task"]): c for c in matrix["cells"]}
+
+    def cell(f, t):
+        c = means.get((f, t))
+        return text.DASH if c is None else text.with_ci(c["mean"], c["ci"]) + (" ◆" if c["in_domain"] else "")
+
+    inside, slope, perm = matrix["in_domain"], matrix["length_slope"], matrix["permutation"]
+    merged = sorted({f"{t} = {d}" for t, d in domains.items() if t != d})
+    return [
+        Heading(3, "The drafter matrix: every fine-tuned drafter on every task"),
+        Paragraph(f"{matrix['model']}" + (f" (fallback: {matrix['fallback']})" if matrix.get("fallback") else "")
+                  + f". {matrix['n_drafters']} drafters × {matrix['n_tasks']} tasks, {matrix['n_cells']} cells, "
+                  f"{matrix['n_prompts']} prompts. In-domain gain at a matched length shift: "
+                  f"{text.with_ci(inside.get('estimate'), inside.get('ci'))} (t df {text.num(inside.get('df'))}, p "
+                  f"{text.num(inside.get('p'))}); the prompt-level check "
+                  f"{text.with_ci((matrix.get('prompt_model') or {}).get('estimate'), (matrix.get('prompt_model') or {}).get('ci'))}"
+                  f" ({(matrix.get('prompt_model') or {}).get('model', 'not fitted')}). Length slope (per unit of x): "
+                  f"{text.with_ci(slope.get('estimate'), slope.get('ci'))}; {slope.get('note')}. Task-level "
+                  f"permutation test of the diagonal: p {text.num(perm.get('p'))} ({perm.get('permutations')} "
+                  f"permutations; {perm.get('note') or ''})."
+                  + (f" One domain: {', '.join(merged)} (◆ marks a drafter in its domain)." if merged else
+                     " ◆ marks a drafter on its own task.")),
+        Table(["drafters fine-tuned on"] + tasks, [[f] + [cell(f, t) for t in tasks] for f in families],
+              "Mean y per (drafter family, eval task), seeds averaged, post-stratified [95% t interval]"),
+    ]
+
+
+def _design_section(results: Results) -> list:
+    found = results.design
+    if found is None:
+        return []
+    generic = found.generic
+    relation = ", ".join(f"{e['task']} ({'in' if e['in_generic_mixture'] else 'not in'} its mixture)"
+                         for e in generic["eval_tasks"])
+    drafters = [[d["name"], d["task"], d["family"], text.num(d["seed"]), text.num(d.get("max_steps")),
+                 text.num(d.get("batch_tokens"))] for d in found.drafters]
+    prereg = found.preregistration
+    blocks = [Heading(2, DESIGN_HEADING),
+              Paragraph(f"y = {found.y}. The generic drafter {generic['name']} was trained on "
+                        f"{', '.join(generic['tasks']) or 'an unrecorded mix'}; eval tasks: {relation}. "
+                        f"Prompts left out (a drafter drafted nothing): {found.excluded}."),
+              Table(["drafter", "fine-tuned on", "family", "seed", "max steps", "batch tokens"], drafters,
+                    "The matrix's drafters, each continued from the generic one (null: the recipe's default)")]
+    if prereg is None:
+        blocks.append(Paragraph("No pre-registration in this run: effects without verdicts."))
+    else:
+        blocks.append(Paragraph(f"Pre-registration: {prereg['file']} in the run directory, SHA-256 "
+                                f"{prereg['sha256']}" + (f"; it could not be read: {prereg['error']}"
+                                                        if prereg.get("error") else "")
+                                + ". Verdicts: confirmed when the interval excludes 0 on the predicted side; refuted "
+                                  "when it excludes 0 on the other side or lies inside ± the smallest effect of "
+                                  "interest; inconclusive otherwise."))
+    blocks += _design_hypotheses(found)
+    blocks.append(Paragraph(found.length_claim))
+    if found.crossover:
+        blocks += _design_crossover(found.crossover)
+    if found.matrix:
+        blocks += _design_matrix(found.matrix, found.raw.get("domains") or {})
+    return blocks
+
+
 def _model_section(results: Results) -> list:
     run = results.run
     cost_rows = [[arm, text.num(c.c), c.source, c.method, text.num(c.draft_step_s, 3),
@@ -565,7 +670,8 @@ def _methods_section(results: Results) -> list:
 def build_document(results: Results, figures: dict[str, str]) -> Document:
     doc = Document(f"specdrift report: {results.run.name}")
     doc.add(Heading(2, "Summary"), Bullets(results.summary))
-    for section in (_run_section(results), _replay_section(results, figures), _speedup_section(results, figures),
+    for section in (_run_section(results), _design_section(results), _replay_section(results, figures),
+                    _speedup_section(results, figures),
                     _acceptance_section(results, figures),
                     _model_section(results), _lossless_section(results), _divergence_section(results, figures),
                     _answer_section(results, figures), _control_section(results), _regimes_section(results, figures),

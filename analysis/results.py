@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from analysis import acceptance, divergence, replayed, stats
+from analysis import acceptance, divergence, hypotheses, replayed, stats
 from analysis.cells import ALL, GAINS, HEADLINE, find_cell, fit_key
 from analysis.pairing import acceptance_units, paired_requests, position_counts, prompt_logs, speed_units
 from analysis.rundir import RunData, finetune_pairs, scopes, select
@@ -21,7 +21,7 @@ from analysis.schema import Results
 from analysis.summary import summarize
 from core.contracts import OK, TAG_MISSING
 
-SCHEMA_VERSION = 3  # 3: the replay section
+SCHEMA_VERSION = 4  # 3: the replay section; 4: the design section
 SIGNIFICANT_DIGITS = 6
 
 
@@ -540,11 +540,12 @@ def compute_results(run: RunData) -> dict:
         "drift": _drift(run, regimes, t0),
         "environment": run.environment,
         "replay": replayed.compute_replay(run, speed, accept, _baseline_self(cells, run.baseline)),
+        "design": hypotheses.compute_design(run),
     }
     results = _rounded(results)
     typed = Results.from_dict(results)
     served = summarize(typed) if len(run.records) else [
         "A replay-only run (`specdrift replay`): nothing was served, so there are no timed speed-ups, "
         "no validation against served vLLM and no served acceptance."]
-    results["summary"] = replayed.summary_lines(typed) + served
+    results["summary"] = hypotheses.summary_lines(typed) + replayed.summary_lines(typed) + served
     return results

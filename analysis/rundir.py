@@ -52,6 +52,7 @@ class Drafter:
     # its training window, core.contracts.training_window); empty when no card.
     lengths: dict[str, list[int]] = field(default_factory=dict)
     window: int | None = None  # the recipe's max_seq_len; None: the card does not say (lengths uncut)
+    recipe: dict = field(default_factory=dict)  # as the card (else the config) gives it: seed, budget
 
 
 @dataclass
@@ -81,6 +82,8 @@ class RunData:
     replay: ReplayData | None = None  # None: no replay in this run
     prompt_strata: list[int] = field(default_factory=lambda: [0, 64, 256, 1024])  # config workload.prompt_strata
     output_strata: list[int] | None = None
+    design: dict = field(default_factory=dict)  # the config's design section (generic, crossover)
+    preregistration: bytes | None = None  # the run's copy of the pre-registration file, as written
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -263,6 +266,7 @@ def _drafters(files: RunFiles, config: dict) -> dict[str, Drafter]:
             name=name, init=card.get("init") or conf.get("init") or "target",
             tasks=card.get("tasks") or conf.get("tasks") or "all", lengths=lengths,
             window=int(window) if window else None,
+            recipe=card.get("recipe") or conf.get("recipe") or {},
         )
     return drafters
 
@@ -359,4 +363,6 @@ def load_run(run_dir: str | Path) -> RunData:
         replay=_read_replay(files, config, prompts),
         prompt_strata=[int(e) for e in strata.get("prompt_strata") or [0, 64, 256, 1024]],
         output_strata=[int(e) for e in strata["output_strata"]] if strata.get("output_strata") else None,
+        design=config.get("design") or {},
+        preregistration=files.preregistration.read_bytes() if files.preregistration.is_file() else None,
     )

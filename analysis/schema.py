@@ -660,6 +660,40 @@ class Replay(Section):
         return [r for r in self.acceptance if (arm is None or r.arm == arm) and (served is None or r.served == served)]
 
 
+# --- the design's hypotheses (issue 12; analysis/hypotheses.py) ---------------------------------
+
+@dataclass(frozen=True)
+class Hypothesis(Section):
+    id: str
+    statement: str
+    effect: str  # crossover | matrix.in_domain
+    direction: str
+    smallest_effect: float
+    estimate: float | None
+    ci: list[float] | None
+    ratio: float | None
+    ratio_ci: list[float] | None
+    mde: float | None  # minimal detectable effect at the realised n (80% power)
+    powered: bool | None
+    verdict: str  # confirmed | refuted | inconclusive
+    seed_spread: dict | None = None
+
+
+@dataclass(frozen=True)
+class Design(Section):
+    k: int
+    y: str
+    generic: dict
+    drafters: list[dict]
+    crossover: dict | None
+    matrix: dict | None
+    preregistration: dict | None
+    hypotheses: list[Hypothesis]
+    length_claim: str
+    identifies_length: bool
+    excluded: int = 0
+
+
 # --- the whole -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -678,6 +712,7 @@ class Results(Section):
     environment: dict
     summary: list[str] = field(default_factory=list)  # absent while the summary is being written
     replay: Replay | None = None  # None: no replay in this run (and schema < 3)
+    design: Design | None = None  # None: no design section in the config, or no replay (and schema < 4)
 
     def __post_init__(self):
         index = {}

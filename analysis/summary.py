@@ -122,13 +122,11 @@ def _answer(results: Results) -> list[str]:
                          "any relation.")
             elif stats.excludes(slope.ci, 0):
                 direction = "falls" if slope.value < 0 else "rises"
-                line += (f"The data support a relation: the fine-tuned drafter's {what} {direction} as the "
-                         "divergence grows.")
-                if stats.excludes(fit.slope_within_task.ci, 0):
-                    line += " It holds within tasks too (across strata), so length, not only domain, carries it."
-                else:
-                    line += (" Within tasks (across strata only) the slope's interval includes 0, so the data "
-                             "cannot separate length from domain.")
+                # issue 12: across tasks the divergence is also the domain, so this is never a length claim.
+                line += (f"Its interval excludes 0 (the fine-tuned drafter's {what} {direction} as the divergence "
+                         "grows), but across tasks length and domain go together, so this is not a length claim"
+                         + (" (the within-domain crossover, H1, is)." if results.design and
+                            results.design.identifies_length else "."))
             else:
                 line += "The slope's interval includes 0: the data do not support a relation."
             lines.append(line)

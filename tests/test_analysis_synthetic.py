@@ -424,3 +424,155 @@ def test_drafter_lengths_are_what_training_saw_within_its_window(tmp_path):
     uncut = divergence.compare([p + o for p, o in raw], sent, edges)
     assert all(reported[m] == pytest.approx(within[m], abs=1e-5) for m in ("js", "w1", "ks"))
     assert abs(reported["w1"] - uncut["w1"]) > 1.0, "the window must change what is compared"
+
+
+# --- the design of issue 12: a drafter matrix and a within-domain length crossover -------------------
+
+REPO = Path(__file__).resolve().parent.parent
+PREREGISTRATION = REPO / "experiments" / "cpu-default.prereg.yaml"
+DESIGN_TASKS = {"gsm8k": (40, 240), "wmt22_de_en": (20, 120), "nq_open": (8, 60), "nq_rag": (220, 900)}
+DESIGN_BASE = {"gsm8k": 0.2, "wmt22_de_en": -0.2, "nq_open": 0.0, "nq_rag": 0.1}  # logit of the generic's p
+DESIGN_OUTPUT = 24
+CROSSOVER = {"short": "nq_open", "long": "nq_rag"}
+DOMAIN = {"nq_rag": "nq_open"}  # the crossover's two tasks are one domain
+
+
+def design_drafters() -> list[dict]:
+    """generic (on gsm8k and wmt22), one drafter fine-tuned per task, and a second seed on each crossover side."""
+    recipe = {"max_steps": 160, "batch_tokens": 4096, "max_seq_len": SYNTHETIC_WINDOW}
+    drafters = [{"name": "generic", "init": "target", "tasks": ["gsm8k", "wmt22_de_en"],
+                 "recipe": {**recipe, "max_steps": 400}}]
+    drafters += [{"name": f"ft-{t}", "init": "generic", "tasks": [t], "recipe": {**recipe, "seed": 0}}
+                 for t in DESIGN_TASKS]
+    drafters += [{"name": f"ft-{t}-s1", "init": "generic", "tasks": [t], "recipe": {**recipe, "seed": 1}}
+                 for t in CROSSOVER.values()]
+    return drafters
+
+
+def write_design_run(run_dir: Path, *, length_effect: float = 0.0, in_domain_effect: float = 0.0,
+                     per_cell: int = 40, seed: int = 0) -> Path:
+    """A replay-only run of the design (as `specdrift replay` writes one): targets, every drafter's
+    match vectors, cards, the config's design section and the pre-registration of cpu-default.
+
+    A drafter's per-token match probability on a prompt is sigmoid(base(task) + u_prompt + quality
+    + in_domain_effect [fine-tuned on the prompt's domain] + length_effect [on the crossover's domain,
+    fine-tuned on the side whose length the prompt has] + seed noise); the generic's is
+    sigmoid(base(task) + u_prompt). u_prompt (sd 0.4) is the prompt's difficulty, shared by all."""
+    rng = np.random.default_rng(seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    drafters = design_drafters()
+    config = {"name": "synthetic-design",
+              "target": {"name": "smollm2-135m-instruct", "source": "embedded", "dtype": "float32",
+                         "max_model_len": MAX_MODEL_LEN},
+              "arms": [{"name": "baseline"},
+                       {"name": "generic", "speculative": {"method": "draft_model", "drafter": "generic",
+                                                           "num_speculative_tokens": 2}}],
+              "drafters": drafters,
+              "design": {"generic": "generic", "crossover": CROSSOVER,
+                         "preregistration": "cpu-default.prereg.yaml"},
+              "workload": {"prompt_strata": [0, 64, 256, 1024]},
+              "replay": {"per_cell": per_cell, "k": [2]}, "temperature": 0.0}
+    (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (run_dir / "environment.json").write_text(json.dumps({"python": "3.11"}))
+    (run_dir / "preregistration.yaml").write_bytes(PREREGISTRATION.read_bytes())
+    natural = {t: [int(rng.integers(lo, hi)) for _ in range(200)] for t, (lo, hi) in DESIGN_TASKS.items()}
+    (run_dir / "workload.build.json").write_text(json.dumps({"lengths": {
+        t: {"prompt_tokens": v, "ref_tokens": [DESIGN_OUTPUT] * len(v)} for t, v in natural.items()}}))
+    for d in drafters:
+        tasks = d["tasks"]
+        prompts = [int(rng.integers(*DESIGN_TASKS[tasks[i % len(tasks)]])) for i in range(120)]
+        card = {"name": d["name"], "init": d["init"], "tasks": tasks, "recipe": d["recipe"],
+                "training_data": {"lengths": {"prompt": prompts, "output": [DESIGN_OUTPUT] * len(prompts)}}}
+        (run_dir / "drafters" / d["name"]).mkdir(parents=True, exist_ok=True)
+        (run_dir / "drafters" / d["name"] / "drafter_card.json").write_text(json.dumps(card))
+    quality = {d["name"]: float(rng.normal(0, 0.2)) for d in drafters if d["name"] != "generic"}
+    seed_noise = {(d["name"], t): float(rng.normal(0, 0.03)) for d in drafters for t in DESIGN_TASKS}
+    side_of = {task: side for side, task in CROSSOVER.items()}
+    folder = run_dir / "replay"
+    folder.mkdir(parents=True, exist_ok=True)
+    targets, match_lines = [], []
+    for task, (lo, hi) in DESIGN_TASKS.items():
+        for s_lo, s_hi in STRATA:
+            if max(lo, s_lo) >= min(hi, s_hi):
+                continue
+            for i in range(per_cell):
+                n = int(rng.integers(max(lo, s_lo), min(hi, s_hi)))
+                pid = f"{task}-{s_lo}-{i}"
+                output = rng.integers(0, NGRAM_ALPHABET, DESIGN_OUTPUT + 2).tolist()
+                targets.append({"id": pid, "task": task, "stratum": stratum_label(n),
+                                "prompt_ids": rng.integers(0, NGRAM_ALPHABET, n).tolist(), "output_ids": output,
+                                "served_tokens": DESIGN_OUTPUT, "finish": "length", "max_tokens": DESIGN_OUTPUT,
+                                "output_hash": token_ids_hash(output[:DESIGN_OUTPUT])})
+                difficulty = float(rng.normal(0, 0.4))
+                for d in drafters:
+                    logit = DESIGN_BASE[task] + difficulty
+                    if d["name"] != "generic":
+                        own = d["tasks"][0]
+                        logit += quality[d["name"]] + seed_noise[d["name"], task]
+                        logit += in_domain_effect * (DOMAIN.get(own, own) == DOMAIN.get(task, task))
+                        if task in side_of and own in side_of:
+                            logit += length_effect * (own == task)
+                    match = rng.random(len(output)) < 1 / (1 + math.exp(-logit))
+                    match_lines.append({"drafter": d["name"], "id": pid, "match": "".join("01"[int(m)] for m in match),
+                                        "in_vocab": "1" * len(output)})
+    (folder / "targets.jsonl").write_text("".join(json.dumps(t) + "\n" for t in targets))
+    (folder / "matches.jsonl").write_text("".join(json.dumps(m) + "\n" for m in match_lines))
+    (folder / "replay.json").write_text(json.dumps({"dtype": "float32", "k": [2], "max_model_len": MAX_MODEL_LEN,
+                                                    "drafters": {}, "targets": {"prompts": len(targets)}}))
+    (run_dir / "workload.replay.jsonl").write_text("".join(json.dumps({
+        "id": t["id"], "task": t["task"], "stratum": t["stratum"], "split": "eval", "dataset": t["task"],
+        "messages": [{"role": "user", "content": t["id"]}], "max_tokens": DESIGN_OUTPUT,
+        "prompt_tokens": len(t["prompt_ids"]), "ref_tokens": None}) + "\n" for t in targets))
+    return run_dir
+
+
+def _hypothesis(results: dict, name: str) -> dict:
+    return next(h for h in results["design"]["hypotheses"] if h["id"] == name)
+
+
+def test_a_planted_length_effect_inside_one_domain_is_found_and_reported(tmp_path):
+    """issue 12: drafters fine-tuned on NQ's short and long prompts, each better on its own length by
+    0.5 logit, and nothing else planted: H1 is confirmed with the planted sign, the report says so,
+    and the length claim comes from the crossover only."""
+    from analysis.report import write_report
+    run_dir = write_design_run(tmp_path / "run", length_effect=0.5)
+    results = compute_results(load_run(run_dir))
+    h1 = _hypothesis(results, "H1")
+    assert h1["verdict"] == "confirmed" and h1["estimate"] > 0.05
+    assert results["design"]["identifies_length"] is True
+    cross = results["design"]["crossover"]
+    assert cross["seed_spread"]["n"] == 2
+    assert results["design"]["preregistration"]["sha256"] == hashlib.sha256(PREREGISTRATION.read_bytes()).hexdigest()
+    assert any(line.startswith("H1 ") and "confirmed" in line for line in results["summary"])
+    write_report(run_dir)
+    report = (run_dir / "report.md").read_text()
+    assert "H1" in report and "confirmed" in report
+
+
+def test_no_planted_effect_makes_the_report_say_nothing_was_found(tmp_path):
+    run_dir = write_design_run(tmp_path / "run", seed=3)
+    results = compute_results(load_run(run_dir))
+    verdicts = {h["id"]: h["verdict"] for h in results["design"]["hypotheses"]}
+    assert set(verdicts) == {"H1", "H2"}
+    assert "confirmed" not in verdicts.values(), verdicts
+    assert not any("confirmed" in line for line in results["summary"] if line[:3] in ("H1 ", "H2 "))
+
+
+def test_a_planted_in_domain_gain_is_found_by_the_matrix(tmp_path):
+    run_dir = write_design_run(tmp_path / "run", in_domain_effect=0.6, seed=5)
+    results = compute_results(load_run(run_dir))
+    h2 = _hypothesis(results, "H2")
+    assert h2["verdict"] == "confirmed" and h2["estimate"] > 0
+    h1 = _hypothesis(results, "H1")
+    assert h1["verdict"] != "confirmed", "an in-domain gain shared by both lengths is not a length effect"
+
+
+def test_a_design_without_a_crossover_makes_no_length_claim(tmp_path):
+    run_dir = write_design_run(tmp_path / "run", length_effect=0.5)
+    config = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+    del config["design"]["crossover"]
+    (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(config))
+    results = compute_results(load_run(run_dir))
+    assert results["design"]["identifies_length"] is False
+    assert _hypothesis(results, "H1")["verdict"] == "inconclusive"
+    assert any("does not identify a length effect" in line for line in results["summary"])

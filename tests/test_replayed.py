@@ -289,7 +289,7 @@ def test_report_leads_with_the_replay(exact, tmp_path):
     assert headings[:3] == ["Summary", "The run", REPLAY_HEADING]
     assert "Projection (not a measurement)" in markdown and "](figures/acceptance_context.png)" in markdown
     assert results["summary"][0].startswith("ngram (replay")
-    assert results["schema"] == 3
+    assert results["schema"] == 4
 
 
 def test_a_run_without_replay_still_analyses(tmp_path):

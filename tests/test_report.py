@@ -41,7 +41,7 @@ def test_report_writes_every_output(reported):
     assert headings == SECTIONS
     for name in FIGURES:
         assert f"](figures/{name})" in markdown
-    assert json.loads((reported / "results.json").read_text())["schema"] == 3
+    assert json.loads((reported / "results.json").read_text())["schema"] == 4
 
 
 def test_report_reproduces_results_json_exactly(reported, tmp_path):
