@@ -125,6 +125,25 @@ def y_frame(run: RunData, generic: str, drafters: list[dict], k: int) -> tuple[p
     return frame, excluded
 
 
+def matrix_seed_spread(frame: pd.DataFrame, seed: int) -> dict | None:
+    """The in-domain effect refitted once per seed rank (each family's r-th seed, or its only one):
+    how far the matrix's answer moves with the drafters' seeds; None when no family has two seeds."""
+    ranks = frame.groupby("family")["seed"].unique().map(sorted)
+    most = int(ranks.map(len).max()) if len(ranks) else 0
+    if most < 2:
+        return None
+    estimates = []
+    for r in range(most):
+        chosen = {f: seeds[min(r, len(seeds) - 1)] for f, seeds in ranks.items()}
+        part = frame[frame["seed"] == frame["family"].map(chosen)]
+        estimates.append(design.matrix(part, seed)["in_domain"]["estimate"])
+    values = np.array([v for v in estimates if v is not None], dtype=float)
+    return {"n": int(values.size), "per_seed": [None if v is None else float(v) for v in estimates],
+            "sd": float(values.std(ddof=1)) if values.size >= 2 else None,
+            "range": float(np.ptp(values)) if values.size >= 2 else None,
+            "compared": "the in-domain effect with each family's r-th seed (families with one seed keep it)"}
+
+
 # --- the pre-registration -------------------------------------------------------------------------
 
 def read_preregistration(raw: bytes) -> dict:
@@ -199,7 +218,9 @@ def compute_design(run: RunData) -> dict | None:
     if len({d["family"] for d in drafters}) >= 2 and len(in_matrix):
         same = in_matrix["drafter_task"].map(lambda t: domain.get(t, t)) == in_matrix["task"].map(
             lambda t: domain.get(t, t))
-        section["matrix"] = design.matrix(in_matrix.assign(in_domain=same), stats.seed_for("design", "matrix"))
+        labelled = in_matrix.assign(in_domain=same)
+        section["matrix"] = design.matrix(labelled, stats.seed_for("design", "matrix"))
+        section["matrix"]["seed_spread"] = matrix_seed_spread(labelled, stats.seed_for("design", "matrix"))
     if cross:
         sides = {cross["short"]: "short", cross["long"]: "long"}
         rows = frame[frame["task"].isin(sides) & frame["drafter_task"].isin(sides)]

@@ -19,6 +19,8 @@ import pytest
 import yaml
 
 from analysis import chain, divergence
+from analysis.hypotheses import PreregistrationError, read_preregistration
+from analysis.report import write_report
 from analysis.results import compute_results, prompt_lengths
 from analysis.rundir import load_run
 from core.config import parse_config
@@ -534,7 +536,6 @@ def test_a_planted_length_effect_inside_one_domain_is_found_and_reported(tmp_pat
     """issue 12: drafters fine-tuned on NQ's short and long prompts, each better on its own length by
     0.5 logit, and nothing else planted: H1 is confirmed with the planted sign, the report says so,
     and the length claim comes from the crossover only."""
-    from analysis.report import write_report
     run_dir = write_design_run(tmp_path / "run", length_effect=0.5)
     results = compute_results(load_run(run_dir))
     h1 = _hypothesis(results, "H1")
@@ -576,3 +577,30 @@ def test_a_design_without_a_crossover_makes_no_length_claim(tmp_path):
     assert results["design"]["identifies_length"] is False
     assert _hypothesis(results, "H1")["verdict"] == "inconclusive"
     assert any("does not identify a length effect" in line for line in results["summary"])
+
+
+def test_the_matrix_reports_how_far_its_answer_moves_with_the_seeds(tmp_path):
+    results = compute_results(load_run(write_design_run(tmp_path / "run", in_domain_effect=0.6, seed=5)))
+    spread = results["design"]["matrix"]["seed_spread"]
+    assert spread["n"] == 2 and len(spread["per_seed"]) == 2 and spread["sd"] is not None
+    assert _hypothesis(results, "H2")["seed_spread"] == spread
+
+
+@pytest.mark.parametrize("text, error", [
+    (b"hypotheses: []", "lists no hypotheses"),
+    (b"hypotheses: [{id: H1, statement: s, effect: slope, direction: positive, smallest_effect: 0.1}]",
+     "is not one of crossover, matrix.in_domain"),
+    (b"hypotheses: [{id: H1, statement: s, effect: crossover, direction: up, smallest_effect: 0.1}]",
+     "is not positive or negative"),
+    (b"hypotheses: [{id: H1, effect: crossover, direction: positive, smallest_effect: 0.1}]", "lacks 'statement'"),
+    (b"hypotheses: [", "not valid YAML"),
+])
+def test_a_broken_preregistration_is_named_and_gets_no_verdicts(tmp_path, text, error):
+    with pytest.raises(PreregistrationError, match=error):
+        read_preregistration(text)
+    run_dir = write_design_run(tmp_path / "run", per_cell=8)
+    (run_dir / "preregistration.yaml").write_bytes(text)
+    results = compute_results(load_run(run_dir))
+    assert error.split("'")[0] in results["design"]["preregistration"]["error"]
+    assert results["design"]["hypotheses"] == []
+    assert any("could not be read" in line for line in results["summary"])

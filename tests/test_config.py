@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from analysis.hypotheses import read_preregistration
 from core.config import ConfigError, load_config
 from specdrift.cli import main
 
@@ -88,3 +89,14 @@ def test_cli_prints_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert "ports.gateway" in err and str(path) in err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")))
+def test_every_shipped_design_names_a_readable_preregistration(path):
+    """A config's design.preregistration exists beside it and parses as one (analysis/hypotheses.py)."""
+    if path.name.endswith(".prereg.yaml"):
+        return
+    config = load_config(path)
+    if config.design.preregistration:
+        plan = read_preregistration(config.resolve_path(config.design.preregistration).read_bytes())
+        assert {h["id"] for h in plan["hypotheses"]} >= {"H1", "H2"}
