@@ -70,6 +70,8 @@ def matrix_drafters(run: RunData, generic: str) -> list[dict]:
 
 
 def design_k(run: RunData, generic: str) -> int:
+    if run.design.get("k"):
+        return int(run.design["k"])
     served = [a.num_speculative_tokens for a in run.arms if a.drafter == generic and a.num_speculative_tokens]
     return int(served[0]) if served else min(run.replay.k)
 

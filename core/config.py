@@ -314,6 +314,8 @@ class DesignConfig(StrictModel):
     generic: str | None = None
     crossover: CrossoverConfig | None = None
     preregistration: str | None = None
+    # The K that y is read at; default: the K of the arm serving `generic`, else the smallest replayed.
+    k: int | None = Field(default=None, ge=1, le=16)
 
 
 class ExperimentConfig(StrictModel):
@@ -355,6 +357,8 @@ class ExperimentConfig(StrictModel):
         design = self.design
         if design.generic is not None and design.generic not in drafter_names:
             raise ValueError(f"design.generic: {design.generic!r} is not in 'drafters'")
+        if design.k is not None and design.k not in self.replay.k:
+            raise ValueError(f"design.k: {design.k} is not in replay.k {self.replay.k}")
         if design.crossover is not None:
             if design.generic is None:
                 raise ValueError("design.crossover needs design.generic: its drafters continue from it")
