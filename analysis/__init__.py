@@ -53,7 +53,7 @@ owns it). Columns read here:
   `arms[].name`, `arms[].speculative.{method, num_speculative_tokens,
   drafter}`, `baseline_arm`, `drafters[].{name, init, tasks}`, `regimes`
   (their `.label`s are the records' `regime` values, in load order),
-  `target.dtype`, `temperature`.
+  `target.dtype`, `temperature`, `design` (generic drafter, crossover, K).
 
 `environment.json`: shown in the report as it is (scalars, two levels deep).
 
@@ -61,7 +61,15 @@ owns it). Columns read here:
   `training_data.lengths = {"prompt": [...], "output": [...],
   "by_task": {task: {"prompt": [...], "output": [...]}}}`: the raw token
   lengths of the drafter's training split, prompt[i] and output[i] from the
-  same example (so their sum is the total length).
+  same example (so their sum is the total length); `recipe` (its `seed`
+  and budget: drafters whose recipes differ only in `seed` are seeds of one
+  family in the design).
+
+`preregistration.yaml` (optional; copied by the runner from the config's
+  `design.preregistration` before anything is measured): `hypotheses`, each
+  with `id`, `statement`, `effect` (`crossover` or `matrix.in_domain`),
+  `direction` and `smallest_effect`; its SHA-256 goes into results.json's
+  `design.preregistration` (analysis/hypotheses.py).
 
 `cost.json` (optional): the measured draft/target step-cost ratio per arm,
 

@@ -23,6 +23,7 @@ Run directory (`runs/<run id>/`):
 |---|---|
 | `config.resolved.yaml` | the config as run, every default filled in |
 | `environment.json` | versions, CPU, model and drafter file hashes |
+| `preregistration.yaml` | the design's pre-registration, copied before anything is measured |
 | `state.json` | regimes done, arms that died; what `--resume` reads |
 | `workload.jsonl` (+ `.build.json`, `.summary.md`, `.lengths.png`) | the prompts, with split and stratum; the build report |
 | `workload.replay.jsonl`, `replay/` | the replay's prompts; the target's outputs, each drafter's matches, what was replayed |
