@@ -91,29 +91,6 @@ def _groups(values: pd.Series, info: pd.DataFrame) -> list[tuple[float, np.ndarr
             for _, part in frame.groupby("stratum", sort=True)]
 
 
-def stratified_parts(groups: list[tuple[float, np.ndarray]]) -> tuple[float | None, float | None, float | None]:
-    """(mean, variance, Welch-Satterthwaite df) of stats.stratified_mean, the same computation
-    (collapsed one-value strata, Kish df per group); variance and df None where it gives no
-    interval. Exposed so that two sets' variances and df can be combined."""
-    groups = [(w, y) for w, y in groups if y.size]
-    if not groups:
-        return None, None, None
-    total = sum(w for w, _ in groups)
-    mean = float(sum(w / total * y.mean() for w, y in groups))
-    collapsed = stats.collapse_singletons([(np.full(y.size, w / total / y.size), y) for w, y in groups])
-    if min(y.size for _, y in collapsed) < 2 or sum(y.size for _, y in collapsed) < stats.MIN_UNITS_FOR_CI:
-        return mean, None, None
-    parts, dfs = [], []
-    for w, y in collapsed:
-        z = w * y
-        parts.append(y.size / (y.size - 1) * float(((z - z.mean()) ** 2).sum()))
-        dfs.append(max(1.0, float(w.sum() ** 2 / (w ** 2).sum()) - 1))
-    variance = sum(parts)
-    if variance <= 0:
-        return mean, 0.0, None
-    return mean, float(variance), float(variance ** 2 / sum(p ** 2 / d for p, d in zip(parts, dfs) if p > 0))
-
-
 def _gls_se(exog: np.ndarray, groups: np.ndarray, scale: float,
             components: list[tuple[float, np.ndarray]]) -> np.ndarray:
     """se of every fixed effect by GLS at the fitted variances: (X' V^-1 X)^-1 with V = scale I +
@@ -164,7 +141,7 @@ def crossover_effect(frame: pd.DataFrame) -> dict:
     per_set, set_means, variances, dfs = {}, [], [], []
     for name in SETS:
         mine = paired & (eval_set == name)
-        mean, variance, df = stratified_parts(_set_groups(contrast[mine], strata[mine], weights[mine]))
+        mean, variance, df = stats.stratified_parts(_set_groups(contrast[mine], strata[mine], weights[mine]))
         per_set[name] = {"n": int(mine.sum()), "effect": mean,
                          "ci": stats.t_interval(mean, math.sqrt(variance), df) if df else None}
         set_means.append(mean), variances.append(variance), dfs.append(df)
@@ -278,7 +255,7 @@ def _matrix_cells(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (drafter, task), part in frame.groupby(["drafter", "task"], sort=True):
         y = part.groupby("prompt_id", sort=True)["y"].mean()
-        mean, _, _ = stratified_parts(_groups(y, info))
+        mean, _, _ = stats.stratified_parts(_groups(y, info))
         rows.append({"drafter": drafter, "task": task, "y": mean, "x": float(part["x"].mean()),
                      "in_domain": float(bool(part["in_domain"].iloc[0]))})
     return pd.DataFrame(rows)

@@ -192,14 +192,25 @@ def stratified_mean(groups: list[tuple[float, np.ndarray]]) -> tuple[float | Non
     weights covered 0.66 when the one value carried 90% of the weight;
     tests/test_inference.py). With equal weights this is the plain stratum
     variance. No interval below MIN_UNITS_FOR_CI values in all."""
+    mean, variance, df = stratified_parts(groups)
+    if mean is None or variance is None:
+        return mean, None
+    if variance <= 0:
+        return mean, [mean, mean]
+    return mean, t_interval(mean, math.sqrt(variance), df)
+
+
+def stratified_parts(groups: list[tuple[float, np.ndarray]]) -> tuple[float | None, float | None, float | None]:
+    """stratified_mean's (mean, variance, Welch-Satterthwaite df); variance None where it gives no
+    interval, df None at zero variance. Exposed so that two sets' variances and df can be combined."""
     groups = [(w, y) for w, y in groups if y.size]
     if not groups:
-        return None, None
+        return None, None, None
     total = sum(w for w, _ in groups)
-    mean = sum(w / total * y.mean() for w, y in groups)
+    mean = float(sum(w / total * y.mean() for w, y in groups))
     collapsed = collapse_singletons([(np.full(y.size, w / total / y.size), y) for w, y in groups])
     if min(y.size for _, y in collapsed) < 2 or sum(y.size for _, y in collapsed) < MIN_UNITS_FOR_CI:
-        return float(mean), None
+        return mean, None, None
     parts, dfs = [], []
     for w, y in collapsed:
         z = w * y
@@ -207,9 +218,8 @@ def stratified_mean(groups: list[tuple[float, np.ndarray]]) -> tuple[float | Non
         dfs.append(max(1.0, float(w.sum() ** 2 / (w ** 2).sum()) - 1))
     variance = sum(parts)
     if variance <= 0:
-        return float(mean), [float(mean), float(mean)]
-    df = variance ** 2 / sum(p ** 2 / d for p, d in zip(parts, dfs) if p > 0)
-    return float(mean), t_interval(float(mean), math.sqrt(variance), df)
+        return mean, 0.0, None
+    return mean, float(variance), float(variance ** 2 / sum(p ** 2 / d for p, d in zip(parts, dfs) if p > 0))
 
 
 def collapse_singletons(groups: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:

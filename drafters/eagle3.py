@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -40,7 +39,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from drafters.recipe import Recipe
-from drafters.train import Example, batches, distillation_loss, make_example, pick_device
+from drafters.train import (Example, batches, budget_spent, distillation_loss, make_example, pick_device,
+                            scheduled_lr)
 from drafters.vocab import VocabMap
 
 log = logging.getLogger(__name__)
@@ -368,9 +368,7 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
         return figures
 
     def done_fraction():
-        by_steps = state["step"] / recipe.max_steps if recipe.max_steps else 0.0
-        by_tokens = state["tokens"] / recipe.max_train_tokens if recipe.max_train_tokens else 0.0
-        return max(by_steps, by_tokens)
+        return budget_spent(recipe, state["step"], state["tokens"])
 
     initial = evaluate() if state["step"] == 0 else None
     while done_fraction() < 1.0:
@@ -379,10 +377,8 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
                              for batch in batches(train_set, recipe.batch_tokens, rng)]
         batch = [train_set[i] for i in epoch_batches.pop()]
         started = time.monotonic()
-        warm = min(1.0, (state["step"] + 1) / max(recipe.warmup_steps, 1))
-        cosine = recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done_fraction()))
         for group in optimizer.param_groups:
-            group["lr"] = recipe.learning_rate * warm * cosine
+            group["lr"] = scheduled_lr(recipe, state["step"], done_fraction())
 
         steps = _unrolled(head, target_model, batch, pad_id, device, ttt_steps)
         loss = sum(step_decay ** j * distillation_loss(logits, ids, logprobs, recipe.hard_weight)

@@ -161,6 +161,20 @@ def summarize_hits(hits: list[tuple[str, torch.Tensor]]) -> dict:
     return {**figures([h for _, h in hits]), "by_task": {t: figures(v) for t, v in sorted(by_task.items())}}
 
 
+def budget_spent(recipe: Recipe, step: int, tokens: int) -> float:
+    """The share of the recipe's budget spent: whichever of steps and tokens runs out first."""
+    by_steps = step / recipe.max_steps if recipe.max_steps else 0.0
+    by_tokens = tokens / recipe.max_train_tokens if recipe.max_train_tokens else 0.0
+    return max(by_steps, by_tokens)
+
+
+def scheduled_lr(recipe: Recipe, step: int, spent: float) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio over the budget (not over time)."""
+    warm = min(1.0, (step + 1) / max(recipe.warmup_steps, 1))
+    cosine = recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * spent))
+    return recipe.learning_rate * warm * cosine
+
+
 def pick_device(recipe: Recipe) -> torch.device:
     if recipe.device == "cuda" or (recipe.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
@@ -199,9 +213,7 @@ def train(model, train_set: list[Example], holdout: list[Example], recipe: Recip
         return figures
 
     def done_fraction():
-        by_steps = state["step"] / recipe.max_steps if recipe.max_steps else 0.0
-        by_tokens = state["tokens"] / recipe.max_train_tokens if recipe.max_train_tokens else 0.0
-        return max(by_steps, by_tokens)
+        return budget_spent(recipe, state["step"], state["tokens"])
 
     initial = evaluate() if state["step"] == 0 else None
     while done_fraction() < 1.0:
@@ -210,11 +222,8 @@ def train(model, train_set: list[Example], holdout: list[Example], recipe: Recip
                              for batch in batches(train_set, recipe.batch_tokens, rng)]
         batch = [train_set[i] for i in epoch_batches.pop()]
         started = time.monotonic()
-        fraction = done_fraction()
-        warm = min(1.0, (state["step"] + 1) / max(recipe.warmup_steps, 1))
-        cosine = recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * fraction))
         for group in optimizer.param_groups:
-            group["lr"] = recipe.learning_rate * warm * cosine
+            group["lr"] = scheduled_lr(recipe, state["step"], done_fraction())
 
         ids, mask, rows, cols, topk_ids, topk_logprobs = _collate(batch, pad_id, device)
         loss = distillation_loss(_scored_logits(model, ids, mask, rows, cols), topk_ids, topk_logprobs,

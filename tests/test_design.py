@@ -140,16 +140,6 @@ def test_nan_rows_are_dropped_and_counted():
     assert result["n_prompts"] == {"short": 20, "long": 19} and result["unpaired"] == 1
 
 
-def test_the_local_stratified_helper_is_stratified_means_computation():
-    rng = np.random.default_rng(5)
-    for sizes, shares in (((6, 3), (0.7, 0.3)), ((3, 1, 4), (0.2, 0.5, 0.3)), ((2, 2), (0.99, 0.01))):
-        groups = [(w, rng.normal(0, 1, k)) for w, k in zip(shares, sizes)]
-        mean, variance, df = design.stratified_parts(groups)
-        expected_mean, expected_ci = stats.stratified_mean(groups)
-        assert mean == pytest.approx(expected_mean)
-        assert stats.t_interval(mean, math.sqrt(variance), df) == pytest.approx(expected_ci)
-
-
 def _realistic_null(rng, seeds=(0, 1)) -> pd.DataFrame:
     return _crossover(rng, int(rng.integers(20, 61)), int(rng.integers(20, 61)), seeds=seeds)
 
