@@ -208,15 +208,20 @@ def crossover_model(frame: pd.DataFrame) -> dict:
             "seed_variance": components[1][0] if with_seed else None, "residual_variance": float(result.scale)}
 
 
-def _cells_crossover(frame: pd.DataFrame) -> list[dict]:
+def _stratified_cells(frame: pd.DataFrame, column: str) -> list[tuple[str, str, pd.DataFrame, dict]]:
+    """Per (family, `column`): its rows and its post-stratified mean y (seeds averaged) with the t interval."""
     info = frame.groupby("prompt_id", sort=True)[["stratum", "weight"]].first()
     cells = []
-    for (family, eval_set), part in frame.groupby(["family", "eval_set"], sort=True):
-        y = part.groupby("prompt_id", sort=True)["y"].mean()  # seeds averaged
+    for (family, other), part in frame.groupby(["family", column], sort=True):
+        y = part.groupby("prompt_id", sort=True)["y"].mean()
         mean, ci = stats.stratified_mean(_groups(y, info))
-        cells.append({"family": str(family), "eval_set": str(eval_set), "n": int(y.size), "mean": mean,
-                      "ci": ci, "ratio": math.exp(mean), "ratio_ci": _exp(ci)})
+        cells.append((str(family), str(other), part, {"n": int(y.size), "mean": mean, "ci": ci,
+                                                      "ratio": math.exp(mean), "ratio_ci": _exp(ci)}))
     return cells
+
+
+def _cells_crossover(frame: pd.DataFrame) -> list[dict]:
+    return [{"family": f, "eval_set": e, **figures} for f, e, _, figures in _stratified_cells(frame, "eval_set")]
 
 
 def crossover(frame: pd.DataFrame) -> dict:
@@ -295,15 +300,8 @@ def _matrix_model(frame: pd.DataFrame) -> tuple[dict, dict, str, str | None, dic
 
 
 def _cell_means(frame: pd.DataFrame) -> list[dict]:
-    info = frame.groupby("prompt_id", sort=True)[["stratum", "weight"]].first()
-    cells = []
-    for (family, task), part in frame.groupby(["family", "task"], sort=True):
-        y = part.groupby("prompt_id", sort=True)["y"].mean()  # seeds averaged
-        mean, ci = stats.stratified_mean(_groups(y, info))
-        cells.append({"family": str(family), "task": str(task), "n": int(y.size), "mean": mean, "ci": ci,
-                      "ratio": math.exp(mean), "ratio_ci": _exp(ci), "mean_x": float(part["x"].mean()),
-                      "in_domain": bool(part["in_domain"].iloc[0])})
-    return cells
+    return [{"family": f, "task": t, **figures, "mean_x": float(part["x"].mean()),
+             "in_domain": bool(part["in_domain"].iloc[0])} for f, t, part, figures in _stratified_cells(frame, "task")]
 
 
 def diagonal_permutation(cells: list[dict], own_task: dict, seed: int) -> dict:
