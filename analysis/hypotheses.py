@@ -244,8 +244,9 @@ def compute_design(run: RunData) -> dict | None:
         except PreregistrationError as err:
             section["preregistration"]["error"] = str(err)
         else:
-            section["preregistration"].update(level=plan.get("level"),
-                                              primary_outcome=" ".join(str(plan.get("primary_outcome", "")).split()))
+            section["preregistration"].update(
+                level=plan.get("level"), primary_outcome=" ".join(str(plan.get("primary_outcome", "")).split()),
+                amendments=[" ".join(str(a).split()) for a in plan.get("amendments") or []])
             crossover = section["crossover"] if identified else None
             for h in plan["hypotheses"]:
                 spread = (crossover or {}).get("seed_spread") if h["effect"] == "crossover" else \

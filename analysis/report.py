@@ -404,6 +404,8 @@ def _design_section(results: Results) -> list:
                                 + ". Verdicts: confirmed when the interval excludes 0 on the predicted side; refuted "
                                   "when it excludes 0 on the other side or lies inside ± the smallest effect of "
                                   "interest; inconclusive otherwise."))
+        if prereg.get("amendments"):
+            blocks.append(Bullets([f"Amendment: {a}" for a in prereg["amendments"]]))
     blocks += _design_hypotheses(found)
     blocks.append(Paragraph(found.length_claim))
     if found.crossover:
