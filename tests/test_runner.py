@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from core.config import LoadRegime, parse_config
+from core.config import ConfigError, LoadRegime, parse_config
 from core.contracts import count_records
 from specdrift.runner import RunError, RunState, expected_requests, open_run_dir, progress_line, regime_arms
 
@@ -138,3 +138,24 @@ def test_the_sweep_line_through_two_points_is_exact():
 
     assert fit_step_cost([{"k": 1, "r": 1.4}, {"k": 3, "r": 1.8}]) == {"c": 0.2, "v": 1.2}
     assert fit_step_cost([{"k": 2, "r": 1.4}]) is None
+
+
+def test_the_pre_registration_is_copied_before_anything_runs_and_a_missing_one_stops_the_run(tmp_path):
+    drafters = [{"name": "g", "init": "target"}, {"name": "short", "init": "g", "tasks": ["a"]},
+                {"name": "long", "init": "g", "tasks": ["b"]}]
+    design = {"generic": "g", "crossover": {"short": "a", "long": "b"}, "preregistration": "plan.yaml"}
+    c = config(tmp_path, drafters=drafters, design=design)
+    with pytest.raises(RunError, match="design.preregistration: no such file"):
+        open_run_dir(c, tmp_path / "r1", resume=False)
+    assert not (tmp_path / "r1").exists(), "a refused run leaves no directory behind"
+    (tmp_path / "plan.yaml").write_bytes(b"hypotheses: []\n")
+    run, _ = open_run_dir(c, tmp_path / "r1", resume=False)
+    assert run.preregistration.read_bytes() == b"hypotheses: []\n"
+
+
+def test_a_crossover_needs_a_drafter_on_each_side(tmp_path):
+    drafters = [{"name": "g", "init": "target"}, {"name": "short", "init": "g", "tasks": ["a"]}]
+    with pytest.raises(ConfigError, match="design.crossover.long: no drafter continues from 'g' on tasks: \\[b\\]"):
+        config(tmp_path, drafters=drafters, design={"generic": "g", "crossover": {"short": "a", "long": "b"}})
+    with pytest.raises(ConfigError, match="design.generic: 'nope' is not in 'drafters'"):
+        config(tmp_path, drafters=drafters, design={"generic": "nope"})
