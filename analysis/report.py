@@ -407,6 +407,12 @@ def _design_section(results: Results) -> list:
         if prereg.get("amendments"):
             blocks.append(Bullets([f"Amendment: {a}" for a in prereg["amendments"]]))
     blocks += _design_hypotheses(found)
+    power = [f"{h.id}: {text.num(h.mde)} against a smallest effect of interest of {text.num(h.smallest_effect)}"
+             + ("" if h.powered is None else (" (powered)" if h.powered else " (underpowered)"))
+             for h in found.hypotheses if h.mde is not None]
+    if power:
+        blocks.append(Paragraph("Power at the realised n: the minimal detectable effect, (t_0.975 + t_0.8) × se at "
+                                "the realised df, is " + "; ".join(power) + "."))
     blocks.append(Paragraph(found.length_claim))
     if found.crossover:
         blocks += _design_crossover(found.crossover)
