@@ -335,10 +335,12 @@ def _design_crossover(cross: dict) -> list:
     spread = cross["seed_spread"]
     return [
         Heading(3, f"Within one domain: {cross['short_task']} (short) against {cross['long_task']} (long)"),
-        Paragraph(f"{cross['method']} Prompts: {cross['n_prompts']}; left out (no drafts): {cross['excluded']}. "
+        Paragraph(f"{cross['method']} Prompts: {cross['n_prompts']['short']} short, {cross['n_prompts']['long']} long; "
+                  f"left out (no drafts): {cross['excluded']}. "
                   f"θ = {text.with_ci(cross['effect'], cross['ci'])} (t df {text.num(cross['df'])}, p "
                   f"{text.num(cross['p'])}); τ matched / mismatched {text.with_ci(cross['ratio'], cross['ratio_ci'])}. "
-                  f"Mixed-model check ({model.get('model') or 'not fitted'}): "
+                  f"Mixed-model check (mixedlm {model.get('formula', '')}, random intercept per prompt"
+                  + (", prompt × seed component" if model.get("seed_component") else "") + "): "
                   f"{text.with_ci(model.get('effect'), model.get('ci'))}"
                   + (f" (fallback: {model['fallback']})" if model.get("fallback") else "") + "."),
         Table(["drafters fine-tuned on", "eval prompts", "prompts", "mean y [95% CI]", "τ ratio to generic [95% CI]"],
