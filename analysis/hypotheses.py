@@ -29,7 +29,7 @@ import pandas as pd
 import yaml
 
 from analysis import design, inference, stats, text
-from analysis.replayed import natural_shares, prompt_trace
+from analysis.replayed import prompt_trace, stratum_shares
 from analysis.rundir import Drafter, RunData
 from analysis.schema import ArmInfo
 
@@ -87,17 +87,11 @@ def _tau(run: RunData, drafter: str, k: int, prompt_ids: list[str]) -> pd.Series
 
 
 def _weights(run: RunData, prompts: pd.DataFrame) -> pd.Series:
-    """Each prompt's stratum share within its task (natural shares, renormalised
-    over the strata replayed; the replayed shares when the natural ones are unknown)."""
+    """Each prompt's stratum weight within its task (replayed.stratum_shares)."""
     weights = pd.Series(0.0, index=prompts.index)
     for task, rows in prompts.groupby("task"):
-        present = sorted(rows["stratum"].unique())
-        shares = natural_shares(run, task)
-        raw = {s: shares.get(s, 0.0) for s in present} if shares else {}
-        if not raw or sum(raw.values()) <= 0:
-            raw = {s: float((rows["stratum"] == s).mean()) for s in present}
-        total = sum(raw.values())
-        weights[rows.index] = rows["stratum"].map({s: v / total for s, v in raw.items()})
+        share, _ = stratum_shares(run, task, rows["stratum"].value_counts())
+        weights[rows.index] = rows["stratum"].map(share)
     return weights
 
 

@@ -167,6 +167,19 @@ def natural_shares(run: RunData, task: str) -> dict[str, float]:
     return {label: float(n / len(labels)) for label, n in sorted(counts.items())}
 
 
+def stratum_shares(run: RunData, task: str, counts: pd.Series) -> tuple[dict[str, float], float | None]:
+    """Each replayed stratum's weight within the task (summing to 1): its natural share, renormalised
+    over the strata the replay covers (counts: prompts per stratum); without natural lengths, its share
+    of the replayed prompts. Also the natural share covered (None without natural lengths)."""
+    shares = natural_shares(run, task)
+    known = {s: shares.get(s, 0.0) for s in counts.index}
+    covered = sum(known.values())
+    if covered <= 0:
+        known, covered = {s: float(c) for s, c in counts.items()}, None
+    total = sum(known.values())
+    return {s: v / total for s, v in known.items()}, covered
+
+
 def unit_weights(run: RunData, frame: pd.DataFrame, task: str, stratum: str) -> tuple[np.ndarray, str, float | None]:
     """Per-prompt weights (summing to 1) for one scope of a units frame, how
     they were set, and the natural share of the strata the scope covers.
@@ -186,16 +199,13 @@ def unit_weights(run: RunData, frame: pd.DataFrame, task: str, stratum: str) -> 
     for t in tasks:
         mine = (frame["task"] == t).to_numpy()
         counts = frame.loc[mine, "stratum"].value_counts()
-        shares = natural_shares(run, t)
-        known = {s: shares.get(s, 0.0) for s in counts.index}
-        if sum(known.values()) > 0:
+        share, natural = stratum_shares(run, t, counts)
+        if natural is not None:
             how.add(NATURAL)
-            covered.append(sum(known.values()))
+            covered.append(natural)
         else:
             how.add("replayed prompts (no natural lengths)")
-            known = {s: float(c) for s, c in counts.items()}
-        total = sum(known.values())
-        per_prompt = frame.loc[mine, "stratum"].map(lambda s: known[s] / total / counts[s]).to_numpy(float)
+        per_prompt = frame.loc[mine, "stratum"].map(lambda s: share[s] / counts[s]).to_numpy(float)
         weights[mine] = per_prompt / len(tasks)
     label = " and ".join(sorted(how))
     if task == ALL and len(tasks) > 1:
