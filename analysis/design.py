@@ -46,7 +46,7 @@ from scipy import stats as sps
 from statsmodels.stats.power import TTestPower
 
 from analysis import stats
-from analysis.inference import EXACT_LIMIT, PERMUTATIONS, _mixedlm
+from analysis.inference import EXACT_LIMIT, PERMUTATIONS, _mixedlm, gls_se
 
 ALPHA = 1 - stats.LEVEL
 SETS = ("short", "long")  # eval sets and drafter families of the crossover
@@ -89,24 +89,6 @@ def _groups(values: pd.Series, info: pd.DataFrame) -> list[tuple[float, np.ndarr
     frame = info.loc[values.index].assign(value=values.to_numpy(float))
     return [(float(part["weight"].iloc[0]), part["value"].to_numpy(float))
             for _, part in frame.groupby("stratum", sort=True)]
-
-
-def _gls_se(exog: np.ndarray, groups: np.ndarray, scale: float,
-            components: list[tuple[float, np.ndarray]]) -> np.ndarray:
-    """se of every fixed effect by GLS at the fitted variances: (X' V^-1 X)^-1 with V = scale I +
-    sum_c var_c [codes_c equal], block diagonal by group (every component nested in the group).
-    Not the Hessian: at a boundary variance (0) statsmodels' Hessian is singular."""
-    information = np.zeros((exog.shape[1], exog.shape[1]))
-    order = np.argsort(groups, kind="stable")
-    bounds = np.flatnonzero(np.diff(groups[order])) + 1
-    for rows in np.split(order, bounds):
-        v = np.eye(rows.size) * scale
-        for variance, codes in components:
-            mine = codes[rows]
-            v += max(variance, 0.0) * (mine[:, None] == mine[None, :])
-        x = exog[rows]
-        information += x.T @ np.linalg.solve(v, x)
-    return np.sqrt(np.maximum(np.diag(np.linalg.pinv(information)), 0.0))
 
 
 def _clean(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -201,7 +183,7 @@ def crossover_model(frame: pd.DataFrame) -> dict:
         cells = pd.factorize(data["prompt_id"].astype(str) + "|" + data["seed_index"].astype(str))[0]
         components.append((float(result.vcomp[0]), cells))
     exog = np.asarray(result.model.exog)
-    se = _gls_se(exog, groups, float(result.scale), components)[list(result.model.exog_names).index("x")]
+    se = gls_se(exog, groups, float(result.scale), components)[list(result.model.exog_names).index("x")]
     estimate = _t_result(0.5 * float(result.params["x"]), 0.5 * float(se), n - 4)
     return {**base, **estimate, "effect": estimate["estimate"], "seed_component": with_seed, "fallback": why,
             "prompt_variance": components[0][0],
@@ -291,7 +273,7 @@ def _matrix_model(frame: pd.DataFrame) -> tuple[dict, dict, str, str | None, dic
     else:
         names = list(result.model.exog_names)
         groups = pd.factorize(data["prompt_id"], sort=True)[0]
-        se = _gls_se(np.asarray(result.model.exog), groups, float(result.scale),
+        se = gls_se(np.asarray(result.model.exog), groups, float(result.scale),
                      [(float(result.cov_re.iloc[0, 0]), groups)])
         check = {"model": PROMPT_MODEL, "fallback": None,
                  **_t_result(float(result.params["in_domain"]), float(se[names.index("in_domain")]),

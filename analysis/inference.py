@@ -133,7 +133,7 @@ def _mixedlm(formula: str, frame: pd.DataFrame, groups: str, vc: dict | None):
     puts a small variance there)."""
     with warnings.catch_warnings():
         # Boundary fits warn (singular covariance, Hessian not positive definite); the slope's se
-        # (_gls_se) does not use the Hessian.
+        # (gls_se) does not use the Hessian.
         warnings.simplefilter("ignore")
         try:
             model = smf.mixedlm(formula, frame, groups=frame[groups], re_formula="1", vc_formula=vc)
@@ -150,23 +150,29 @@ def _mixedlm(formula: str, frame: pd.DataFrame, groups: str, vc: dict | None):
     return None
 
 
-def _gls_se(frame: pd.DataFrame, design: np.ndarray, scale: float,
-            components: list[tuple[float, np.ndarray]]) -> float:
-    """se of x's coefficient (column 1) by GLS at the fitted variances:
-    cov = (X' V^-1 X)^-1, V = scale I + sum_c var_c Z_c Z_c' (Z_c: indicators of
-    codes_c, every grouping nested in the task), summed task by task (V is block diagonal)."""
-    tasks = pd.factorize(frame["task"], sort=True)[0]
-    information = np.zeros((design.shape[1], design.shape[1]))
-    for t in np.unique(tasks):
-        rows = np.flatnonzero(tasks == t)
+def gls_se(exog: np.ndarray, groups: np.ndarray, scale: float,
+           components: list[tuple[float, np.ndarray]]) -> np.ndarray:
+    """se of every fixed effect by GLS at the fitted variances: cov = (X' V^-1 X)^-1, V = scale I +
+    sum_c var_c Z_c Z_c' (Z_c: indicators of codes_c, every component nested in the group), summed
+    group by group (V is block diagonal). Not the Hessian: at a boundary variance (0) statsmodels'
+    Hessian is singular."""
+    information = np.zeros((exog.shape[1], exog.shape[1]))
+    order = np.argsort(groups, kind="stable")
+    bounds = np.flatnonzero(np.diff(groups[order])) + 1
+    for rows in np.split(order, bounds):
         v = np.eye(rows.size) * scale
         for variance, codes in components:
             mine = codes[rows]
             v += max(variance, 0.0) * (mine[:, None] == mine[None, :])
-        x = design[rows]
+        x = exog[rows]
         information += x.T @ np.linalg.solve(v, x)
-    cov = np.linalg.inv(information)
-    return math.sqrt(max(float(cov[1, 1]), 0.0))
+    return np.sqrt(np.maximum(np.diag(np.linalg.pinv(information)), 0.0))
+
+
+def _slope_se(frame: pd.DataFrame, design: np.ndarray, scale: float,
+              components: list[tuple[float, np.ndarray]]) -> float:
+    """gls_se of x's coefficient (column 1), grouped by task."""
+    return float(gls_se(design, pd.factorize(frame["task"], sort=True)[0], scale, components)[1])
 
 
 def _design(frame: pd.DataFrame, fixed_tasks: bool) -> np.ndarray:
@@ -197,7 +203,7 @@ def mixed_slope(frame: pd.DataFrame) -> dict:
         result = _mixedlm("y ~ x", frame, "task", {"stratum": "0 + C(stratum)"})
         if result is not None:
             task_var, stratum_var = float(result.cov_re.iloc[0, 0]), float(result.vcomp[0])
-            se = _gls_se(frame, design, float(result.scale), [(task_var, task_codes), (stratum_var, cell_codes)])
+            se = _slope_se(frame, design, float(result.scale), [(task_var, task_codes), (stratum_var, cell_codes)])
             return _estimate("mixedlm: y ~ x, task random intercept, stratum-within-task variance component",
                              float(result.params["x"]), se, max(1, cells - 2), n, task_variance=task_var,
                              stratum_variance=stratum_var, residual_variance=float(result.scale))
@@ -205,7 +211,7 @@ def mixed_slope(frame: pd.DataFrame) -> dict:
     result = _mixedlm("y ~ x", frame, "task", None)
     if result is not None:
         task_var = float(result.cov_re.iloc[0, 0])
-        se = _gls_se(frame, design, float(result.scale), [(task_var, task_codes)])
+        se = _slope_se(frame, design, float(result.scale), [(task_var, task_codes)])
         return _estimate("mixedlm: y ~ x, task random intercept", float(result.params["x"]), se,
                          max(1, tasks - 2), n, why, task_variance=task_var, stratum_variance=None,
                          residual_variance=float(result.scale))
@@ -223,7 +229,7 @@ def within_slope(frame: pd.DataFrame) -> dict:
         result = _mixedlm("y ~ x + C(task)" if tasks > 1 else "y ~ x", frame, "cell", None)
         if result is not None:
             cell_var = float(result.cov_re.iloc[0, 0])
-            se = _gls_se(frame, _design(frame, tasks > 1), float(result.scale),
+            se = _slope_se(frame, _design(frame, tasks > 1), float(result.scale),
                          [(cell_var, pd.factorize(frame["cell"], sort=True)[0])])
             return _estimate("mixedlm: y ~ x + task fixed effects, random intercept per (task, stratum) cell",
                              float(result.params["x"]), se, max(1, cells - tasks - 1), n, cell_variance=cell_var,
