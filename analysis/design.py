@@ -46,7 +46,7 @@ from scipy import stats as sps
 from statsmodels.stats.power import TTestPower
 
 from analysis import stats
-from analysis.inference import EXACT_LIMIT, PERMUTATIONS, _mixedlm, gls_se
+from analysis.inference import EXACT_LIMIT, PERMUTATIONS, fit_mixedlm, gls_se
 
 ALPHA = 1 - stats.LEVEL
 SETS = ("short", "long")  # eval sets and drafter families of the crossover
@@ -164,17 +164,17 @@ def crossover_model(frame: pd.DataFrame) -> dict:
         return {**base, "fallback": "not every (family, eval_set) cell has prompts, or too few prompts: no fit"}
     # Treatment coding, reference level "long" for both factors: cells long/long = a, short-family/long = a + b,
     # long-family/short = a + c, short/short = a + b + c + d, so theta = 1/2 [(b + d) + (-b)] = d / 2. The
-    # interaction column is the product of the two dummies; it is named x because inference._mixedlm checks x.
+    # interaction column is the product of the two dummies; it is named x, the coefficient inference.fit_mixedlm checks by default.
     data = frame.assign(x=((frame["family"] == "short") & (frame["eval_set"] == "short")).astype(float),
                         seed_index=_seed_index(frame).to_numpy())
     fit_formula = "y ~ C(family) + C(eval_set) + x"
     with_seed = bool(data.groupby("family")["seed_index"].nunique().min() >= 2)
     why = None
-    result = _mixedlm(fit_formula, data, "prompt_id", {"seed": "0 + C(seed_index)"}) if with_seed else None
+    result = fit_mixedlm(fit_formula, data, "prompt_id", {"seed": "0 + C(seed_index)"}) if with_seed else None
     if with_seed and result is None:
         why, with_seed = "the seed-within-prompt component did not fit: dropped", False
     if result is None:
-        result = _mixedlm(fit_formula, data, "prompt_id", None)
+        result = fit_mixedlm(fit_formula, data, "prompt_id", None)
     if result is None:
         return {**base, "fallback": (why + "; " if why else "") + "the mixed model did not fit"}
     groups = pd.factorize(data["prompt_id"], sort=True)[0]
@@ -267,7 +267,7 @@ def _matrix_model(frame: pd.DataFrame) -> tuple[dict, dict, str, str | None, dic
         out, model, fallback = [empty, empty], MATRIX_METHOD, f"the cell-means fit failed ({err})"
     data = frame.assign(in_domain=frame["in_domain"].astype(float))
     n_cells = len(cells)
-    result = _mixedlm(formula, data, "prompt_id", None)
+    result = fit_mixedlm(formula, data, "prompt_id", None)
     if result is None:
         check = {"model": PROMPT_MODEL, "fallback": "the mixed model did not fit", **empty}
     else:

@@ -126,10 +126,10 @@ def _ols(frame: pd.DataFrame, fixed_tasks: bool, fallback: str | None) -> dict:
     return _estimate(model, float(beta[1]), math.sqrt(max(cov[1, 1], 0.0)), df, len(frame), fallback)
 
 
-def _mixedlm(formula: str, frame: pd.DataFrame, groups: str, vc: dict | None):
+def fit_mixedlm(formula: str, frame: pd.DataFrame, groups: str, vc: dict | None, effect: str = "x"):
     """A REML mixedlm fit (the first of OPTIMISERS that converges), or None
-    when it fails: every optimiser raised or did not converge, or the slope is
-    not finite. A variance at its boundary (0) is a fit, not a failure (REML
+    when it fails: every optimiser raised or did not converge, or the
+    coefficient `effect` is not finite. A variance at its boundary (0) is a fit, not a failure (REML
     puts a small variance there)."""
     with warnings.catch_warnings():
         # Boundary fits warn (singular covariance, Hessian not positive definite); the slope's se
@@ -144,7 +144,7 @@ def _mixedlm(formula: str, frame: pd.DataFrame, groups: str, vc: dict | None):
                 result = model.fit(reml=True, method=[method])
             except (ValueError, np.linalg.LinAlgError, ZeroDivisionError):
                 continue
-            if (result.converged and np.isfinite(result.params["x"]) and np.isfinite(result.scale)
+            if (result.converged and np.isfinite(result.params[effect]) and np.isfinite(result.scale)
                     and np.isfinite(result.llf)):
                 return result
     return None
@@ -200,7 +200,7 @@ def mixed_slope(frame: pd.DataFrame) -> dict:
     design = _design(frame, False)
     why = None
     if cells > tasks:
-        result = _mixedlm("y ~ x", frame, "task", {"stratum": "0 + C(stratum)"})
+        result = fit_mixedlm("y ~ x", frame, "task", {"stratum": "0 + C(stratum)"})
         if result is not None:
             task_var, stratum_var = float(result.cov_re.iloc[0, 0]), float(result.vcomp[0])
             se = _slope_se(frame, design, float(result.scale), [(task_var, task_codes), (stratum_var, cell_codes)])
@@ -208,7 +208,7 @@ def mixed_slope(frame: pd.DataFrame) -> dict:
                              float(result.params["x"]), se, max(1, cells - 2), n, task_variance=task_var,
                              stratum_variance=stratum_var, residual_variance=float(result.scale))
         why = "the stratum-within-task component did not fit: dropped"
-    result = _mixedlm("y ~ x", frame, "task", None)
+    result = fit_mixedlm("y ~ x", frame, "task", None)
     if result is not None:
         task_var = float(result.cov_re.iloc[0, 0])
         se = _slope_se(frame, design, float(result.scale), [(task_var, task_codes)])
@@ -226,7 +226,7 @@ def within_slope(frame: pd.DataFrame) -> dict:
     if not (centred.abs() > 1e-12).any():
         return _none("within-task", n, "x does not vary within any task")
     if cells - tasks >= 2:
-        result = _mixedlm("y ~ x + C(task)" if tasks > 1 else "y ~ x", frame, "cell", None)
+        result = fit_mixedlm("y ~ x + C(task)" if tasks > 1 else "y ~ x", frame, "cell", None)
         if result is not None:
             cell_var = float(result.cov_re.iloc[0, 0])
             se = _slope_se(frame, _design(frame, tasks > 1), float(result.scale),

@@ -159,8 +159,12 @@ def _read_database(url: str, run_id: str | None, password: str | None) -> list[d
     # Byte order and NULLs first: the order SQLite gives, whatever the database's collation.
     with connect_database(url, password, row_factory=dict_row) as conn:
         conn.read_only = True
-        rows = conn.execute(f'SELECT * FROM {RECORDS_TABLE} {where} ORDER BY t_start NULLS FIRST, '
-                            f'request_id COLLATE "C"', params).fetchall()
+        try:
+            rows = conn.execute(f'SELECT * FROM {RECORDS_TABLE} {where} ORDER BY t_start NULLS FIRST, '
+                                f'request_id COLLATE "C"', params).fetchall()
+        except psycopg.errors.UndefinedTable:
+            # As for a missing SQLite file: no gateway has written to this database yet.
+            raise FileNotFoundError(f"no record store at {shown_url(url)}: it has no {RECORDS_TABLE} table") from None
     return [{column: row.get(column) for column in RECORD_COLUMNS} for row in rows]
 
 

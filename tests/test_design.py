@@ -246,7 +246,7 @@ def test_the_matrix_finds_a_planted_in_domain_effect():
 
 
 def test_without_the_mixed_model_the_cells_still_answer_and_the_check_says_so(monkeypatch):
-    monkeypatch.setattr(design, "_mixedlm", lambda *args: None)
+    monkeypatch.setattr(design, "fit_mixedlm", lambda *args: None)
     result = design.matrix(_matrix(np.random.default_rng(22), in_domain=0.15), seed=1)
     assert result["fallback"] is None and "did not fit" in result["prompt_model"]["fallback"]
     assert _covers(result["in_domain"]["ci"], 0.15) and result["in_domain"]["df"] == 25 - 11

@@ -207,6 +207,13 @@ def test_closing_while_the_database_is_down_gives_up_after_its_timeout(postgres_
     assert read_records(postgres_database) == []
 
 
+def test_a_database_no_gateway_wrote_to_reads_as_a_missing_store(postgres_database, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no record store at .*: it has no requests table"):
+        read_records(postgres_database)
+    with pytest.raises(FileNotFoundError, match="no record store at"):
+        read_records(tmp_path / "absent.sqlite")
+
+
 def test_count_records_and_the_run_directory_copy(postgres_database, tmp_path):
     store = PostgresRecordStore(postgres_database)
     gather_writes(store, [record("a", regime="sequential"), record("b", regime="sequential", status="upstream_died"),

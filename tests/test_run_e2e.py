@@ -161,10 +161,9 @@ def test_speculation_is_lossless_in_float32(finished_run):
     assert sum(r["spec_draft_tokens"] or 0 for r in rows if r["arm"] == "ngram") > 0
 
 
-def test_report_reproduces_results_from_records(finished_run, tmp_path):
+def test_report_reproduces_results_from_records(finished_run):
     run_dir = finished_run["dir"]
     before = (run_dir / "results.json").read_text()
-    results = json.loads(before)
     proc = specdrift("report", str(run_dir))
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
