@@ -19,6 +19,9 @@ from core.processes import Child, ProcessStack, StartupError, free_port, port_in
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+# The config.json field where an EAGLE-3 head records the draft steps it was trained for
+# (drafters/eagle3.py writes it); an arm may draft no more tokens than that.
+TRAINED_STEPS_FIELD = "specdrift_trained_draft_steps"
 
 
 @dataclass
@@ -90,17 +93,42 @@ def vllm_command(config: ExperimentConfig, arm: ArmConfig, port: int,
 
 
 def missing_inputs(config: ExperimentConfig, arm: ArmConfig) -> list[str]:
-    """Files an arm needs that are not there, as plain sentences."""
+    """Files an arm needs that are not there or cannot serve it, as plain sentences."""
     problems = []
     target = target_dir(config)
     if (config.target.source == "embedded" or target.exists()) and not (target / "config.json").exists():
         problems.append(f"target model directory {target} is missing or incomplete (run `specdrift prepare`)")
-    if arm.speculative and arm.speculative.drafter:
-        ddir = drafter_dir(config, arm.speculative.drafter)
+    spec = arm.speculative
+    if spec and spec.drafter:
+        ddir = drafter_dir(config, spec.drafter)
         if not (ddir / "config.json").exists():
-            problems.append(f"drafter {arm.speculative.drafter!r} is not built at {ddir} "
-                            f"(run `specdrift drafter distill --drafter {arm.speculative.drafter}`)")
+            problems.append(f"drafter {spec.drafter!r} is not built at {ddir} "
+                            f"(run `specdrift drafter distill --drafter {spec.drafter}`)")
+        elif spec.method == "eagle3":
+            problems += head_problems(ddir, spec.num_speculative_tokens)
+    elif spec and spec.method == "eagle3" and spec.model:
+        path = Path(spec.model)  # as vLLM gets it
+        # A model that is no local path is a name vLLM resolves from a mounted HF cache: not checked here.
+        if path.exists() or path.is_absolute() or spec.model.startswith("."):
+            problems += head_problems(path, spec.num_speculative_tokens)
     return problems
+
+
+def head_problems(directory: Path, k: int) -> list[str]:
+    """Why the EAGLE-3 head in `directory` cannot draft K = `k` tokens: no config.json, or fewer
+    trained draft steps than K where the head records them (heads trained elsewhere may not)."""
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        return [f"EAGLE-3 head {directory} has no config.json (give a directory holding a head in the "
+                "speculators or vLLM format)"]
+    try:
+        steps = json.loads(config_file.read_text()).get(TRAINED_STEPS_FIELD)
+    except (json.JSONDecodeError, AttributeError):
+        return [f"EAGLE-3 head {config_file} is not a JSON object"]
+    if isinstance(steps, int) and k > steps:
+        return [f"EAGLE-3 head {directory} is trained for {steps} draft steps ({TRAINED_STEPS_FIELD}), "
+                f"fewer than num_speculative_tokens {k}: lower it, or train the head for {k}"]
+    return []
 
 
 def launch_arm(config: ExperimentConfig, arm: ArmConfig, port: int, log_dir: Path, stack: ProcessStack,

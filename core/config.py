@@ -18,6 +18,13 @@ from core.contracts import check_database_url, regime_label, step_regime
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 
+# The draft steps an EAGLE-3 head is trained for when its recipe sets no `ttt_steps`. The recipe
+# (drafters/recipe.py) takes its default from here, because the arms' K is checked against it when
+# the config loads, below the drafters package.
+DEFAULT_TTT_STEPS = 2
+# The speculative methods that draft with a drafter specdrift can build; the method is the drafter's kind.
+DRAFTER_KINDS = ("draft_model", "eagle3")
+
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message is one line for the user."""
@@ -55,7 +62,9 @@ class TargetConfig(StrictModel):
 class SpeculativeConfig(BaseModel):
     """vLLM's --speculative-config, plus `drafter`: the name of a drafter that
     specdrift builds (resolved to its directory at launch). Keys specdrift does
-    not know are passed to vLLM unchanged."""
+    not know are passed to vLLM unchanged. `method: draft_model` drafts with a
+    draft model, `method: eagle3` with an EAGLE-3 head; either takes `drafter`
+    or `model` (a directory, or a name in a mounted HF cache)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -66,10 +75,14 @@ class SpeculativeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _draft_model_source(self) -> "SpeculativeConfig":
-        if self.method == "draft_model" and not (self.drafter or self.model):
-            raise ValueError("method 'draft_model' needs 'drafter' (a specdrift drafter) or 'model' (a path)")
+        if self.method in DRAFTER_KINDS and not (self.drafter or self.model):
+            raise ValueError(f"method {self.method!r} needs 'drafter' (a specdrift drafter of kind {self.method}) "
+                             "or 'model' (a path)")
         if self.drafter and self.model:
             raise ValueError("give 'drafter' or 'model', not both")
+        if self.method == "eagle3" and "use_heterogeneous_vocab" in (self.model_extra or {}):
+            raise ValueError("use_heterogeneous_vocab is for draft models: an EAGLE-3 head maps its trimmed "
+                             "vocabulary to the target's with its d2t table; remove it")
         return self
 
 
@@ -209,16 +222,29 @@ class WorkloadConfig(StrictModel):
 
 
 class DrafterConfig(StrictModel):
-    """A draft model that specdrift distils from the target.
+    """A drafter that specdrift distils from the target.
 
-    `init: target` builds it from the target's own layers; `init: <drafter>`
-    fine-tunes another drafter. `tasks` selects the train split it learns from
-    (`all` for the mixed-task generic drafter)."""
+    `kind: draft_model` is a small causal LM; `init: target` cuts it from the
+    target's own layers. `kind: eagle3` is an EAGLE-3 head that reads the
+    target's hidden states; `init: target` builds a fresh (generic) one. For
+    either, `init: <drafter>` fine-tunes another drafter of the same kind.
+    `tasks` selects the train split it learns from (`all` for the mixed-task
+    generic drafter)."""
 
     name: str = Field(pattern=NAME_PATTERN)
+    kind: Literal["draft_model", "eagle3"] = "draft_model"
     init: str = "target"
     tasks: list[str] | Literal["all"] = "all"
     recipe: dict[str, Any] = Field(default_factory=dict)
+
+    def draft_steps(self) -> int | None:
+        """The draft steps a head is trained for (its recipe's ttt_steps); None for a draft model."""
+        if self.kind != "eagle3":
+            return None
+        steps = self.recipe.get("ttt_steps", DEFAULT_TTT_STEPS)
+        if not isinstance(steps, int) or isinstance(steps, bool):
+            raise ValueError(f"drafters.{self.name}.recipe.ttt_steps: {steps!r} is not a whole number of draft steps")
+        return steps
 
 
 class CostConfig(StrictModel):
@@ -346,16 +372,22 @@ class ExperimentConfig(StrictModel):
             raise ValueError(f"arm names must be unique, repeated: {', '.join(dupes)}")
         if self.baseline_arm not in names:
             raise ValueError(f"baseline_arm {self.baseline_arm!r} is not one of the arms ({', '.join(names)})")
-        drafter_names = {d.name for d in self.drafters}
+        drafters = {d.name: d for d in self.drafters}
         for arm in self.arms:
             spec = arm.speculative
-            if spec and spec.drafter and spec.drafter not in drafter_names:
+            if spec and spec.drafter and spec.drafter not in drafters:
                 raise ValueError(f"arm {arm.name!r} uses drafter {spec.drafter!r}, which is not in 'drafters'")
+            if spec and spec.drafter and spec.method in DRAFTER_KINDS:
+                _check_arm_drafter(f"arm {arm.name!r}", spec.method, spec.num_speculative_tokens, drafters[spec.drafter])
         for d in self.drafters:
-            if d.init != "target" and d.init not in drafter_names:
+            if d.init != "target" and d.init not in drafters:
                 raise ValueError(f"drafter {d.name!r} starts from {d.init!r}, which is neither 'target' nor a drafter")
+            if d.init != "target" and drafters[d.init].kind != d.kind:
+                raise ValueError(f"drafter {d.name!r} (kind {d.kind}) starts from {d.init!r}, a drafter of kind "
+                                 f"{drafters[d.init].kind}: a drafter continues one of its own kind "
+                                 f"(init: target builds a fresh {d.kind})")
         design = self.design
-        if design.generic is not None and design.generic not in drafter_names:
+        if design.generic is not None and design.generic not in drafters:
             raise ValueError(f"design.generic: {design.generic!r} is not in 'drafters'")
         if design.k is not None and design.k not in self.replay.k:
             raise ValueError(f"design.k: {design.k} is not in replay.k {self.replay.k}")
@@ -371,6 +403,10 @@ class ExperimentConfig(StrictModel):
             arm = next((a for a in self.arms if a.name == name), None)
             if arm is None or arm.speculative is None or arm.speculative.method == "ngram":
                 raise ValueError(f"cost.sweep_arms: {name!r} is not a draft-model arm of this config")
+            spec = arm.speculative
+            if spec.drafter and spec.method == "eagle3" and self.cost.k_sweep:
+                _check_arm_drafter(f"cost.k_sweep, for arm {name!r},", spec.method, max(self.cost.k_sweep),
+                                   drafters[spec.drafter], lower="cost.k_sweep")
         return self
 
     # --- resolved locations -------------------------------------------------
@@ -400,6 +436,20 @@ class ExperimentConfig(StrictModel):
             if d.name == name:
                 return d
         raise ConfigError(f"no drafter named {name!r}; drafters are: {', '.join(d.name for d in self.drafters) or 'none'}")
+
+
+def _check_arm_drafter(where: str, method: str, k: int, drafter: DrafterConfig,
+                       lower: str = "num_speculative_tokens") -> None:
+    """An arm drafts with a drafter of its method's kind, and a head at no more steps than it was trained for
+    (vLLM would run any K, but steps beyond the trained ones draft from features the head never learned)."""
+    if drafter.kind != method:
+        raise ValueError(f"{where} has method {method!r} but drafter {drafter.name!r} is of kind {drafter.kind} "
+                         f"(give it method: {drafter.kind}, or a drafter of kind {method})")
+    steps = drafter.draft_steps()
+    if steps is not None and k > steps:
+        raise ValueError(f"{where} drafts K = {k} tokens but EAGLE-3 head {drafter.name!r} is trained for "
+                         f"{steps} draft steps: raise drafters.{drafter.name}.recipe.ttt_steps to {k} "
+                         f"or lower {lower} to {steps}")
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

@@ -1,15 +1,20 @@
 """Building a drafter end to end, and reusing it while its inputs are unchanged.
 
-distill(config, name, rows):
+distill(config, name, rows), for either kind of drafter (`kind` in the config):
   1. the train prompts of the drafter's tasks (the workload rows with split ==
      "train", built by the caller once per run);
   2. the inputs hash; a drafter whose card matches it (and whose files match
      their hashes) is reused as is;
-  3. the parent: the target (cut to the recipe's layers and vocabulary) or
-     another drafter, built first if needed;
-  4. the target's greedy responses with its top-k (cached, resumable);
-  5. training under the recipe's budget, with checkpoints;
-  6. the HF directory and its drafter_card.json, moved into place atomically.
+  3. the parent: the target or another drafter of the same kind, built first
+     if needed;
+  4. the target's greedy responses with its top-k (cached, resumable; both
+     kinds share the cache);
+  5. the kind's own part (`_build_draft_model`, `_build_head`): the starting
+     network (a draft model cut to the recipe's layers and vocabulary, or a
+     fresh EAGLE-3 head on the target; else the parent's), training under the
+     recipe's budget with checkpoints in `<name>.partial`, and the directory
+     vLLM loads, saved into `<name>.staging`;
+  6. the drafter_card.json, and the directory moved into place atomically.
 
 Before any of that, `stale_drafters` compares each card's `fingerprint` (a
 hash of what determines the inputs, cheap to compute: the target's files, the
@@ -26,18 +31,19 @@ import logging
 import shutil
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from core.arms import vllm_env
-from core.config import ExperimentConfig
+from core.config import ConfigError, ExperimentConfig
 from core.environment import version
 from core.models import directory_hashes, sha256_file
 from core.paths import drafter_dir, target_dir, target_model_arg
 from drafters import data as data_module
 from drafters.card import card_problem, inputs_hash, length_record, read_card, update_card, write_card
 from drafters.data import drafter_tasks, select_prompts
-from drafters.recipe import Recipe, recipe_for
+from drafters.recipe import HeadRecipe, Recipe, recipe_for
 from drafters.responses import generate_responses
 
 log = logging.getLogger(__name__)
@@ -48,13 +54,13 @@ def target_files(config: ExperimentConfig) -> dict[str, str]:
     return directory_hashes(path) if path.is_dir() else {"name": target_model_arg(config)}
 
 
-def _base(config: ExperimentConfig, name: str, recipe: Recipe) -> dict:
+def _base(config: ExperimentConfig, name: str, recipe: Recipe | HeadRecipe) -> dict:
     drafter = config.drafter(name)
     if drafter.init != "target":
         parent = read_card(drafter_dir(config, drafter.init))
         return {"kind": "drafter", "name": drafter.init, "path": str(drafter_dir(config, drafter.init)),
                 "inputs_hash": parent["inputs_hash"] if parent else None}
-    if recipe.base_model:
+    if getattr(recipe, "base_model", None):  # draft models only
         return {"kind": "model", "name": recipe.base_model, "path": recipe.base_model, "inputs_hash": None}
     return {"kind": "target", "name": config.target.name, "path": target_model_arg(config), "inputs_hash": None}
 
@@ -65,8 +71,9 @@ def fingerprint(config: ExperimentConfig, name: str, workload_fingerprint: str) 
     drafter = config.drafter(name)
     parent = fingerprint(config, drafter.init, workload_fingerprint) if drafter.init != "target" else None
     return inputs_hash({
+        **_kind_part(drafter),
         "target": {"files": target_files(config), "dtype": config.target.dtype},
-        "drafter": drafter.model_dump(mode="json"),
+        "drafter": drafter.model_dump(mode="json", exclude={"kind"}),
         "recipe": recipe_for(drafter).model_dump(mode="json"),
         "workload": workload_fingerprint,
         "parent": parent,
@@ -96,10 +103,6 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict], workload_fing
     # checking that drafters are up to date (stale_drafters) needs neither.
     from transformers import AutoTokenizer
 
-    from drafters.model import drafter_from_target, drafter_shape, load_drafter, save_drafter
-    from drafters.train import make_example, train
-    from drafters.vocab import VocabMap, choose_vocabulary, load_target_ids
-
     started = time.monotonic()
     drafter = config.drafter(name)
     recipe = recipe_for(drafter)
@@ -114,6 +117,7 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict], workload_fing
     base = _base(config, name, recipe)
     target_hashes = target_files(config)
     expected_hash = inputs_hash({
+        **_kind_part(drafter),
         "target": {"files": target_hashes, "dtype": config.target.dtype},
         "base": base,
         "recipe": recipe.model_dump(mode="json"),
@@ -125,6 +129,8 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict], workload_fing
         update_card(out, fingerprint=quick)  # the next check need not tokenize
         progress(f"drafter {name}: up to date at {out}")
         return out
+    if drafter.kind == "eagle3" and base["kind"] == "target":
+        _check_head_shape(config, name, recipe)  # before the responses, which may take long
     progress(f"drafter {name}: building ({'forced' if force else problem}); "
              f"{len(prompts)} train prompts from {', '.join(tasks)}")
 
@@ -138,62 +144,31 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict], workload_fing
                                    progress=lambda msg: progress(f"drafter {name}: {msg}"))
     generation_s = time.monotonic() - gen_started
 
-    # The starting network and its vocabulary.
-    if base["kind"] == "drafter":
-        parent_dir = Path(base["path"])
-        model, target_ids = load_drafter(parent_dir), load_target_ids(parent_dir)
-    else:
-        source = base["path"]
-        target_ids = None
-        if recipe.vocab_size is not None and recipe.vocab_size < len(tokenizer):
-            streams = [r["output_ids"] for r in responses.values()] + [
-                [t for step in r["topk_ids"] for t in step] for r in responses.values()]
-            target_ids = choose_vocabulary(tokenizer, recipe.vocab_size, streams)
-        model = drafter_from_target(source, recipe.layers if base["kind"] == "target" else None, target_ids)
-    vocab = VocabMap(len(tokenizer), target_ids, unk_id=model.config.unk_token_id
-                     if getattr(model.config, "unk_token_id", None) is not None else 0)
-
-    train_set, holdout = [], []
-    lengths: dict[str, dict[str, list[int]]] = defaultdict(lambda: {"prompt": [], "output": []})
-    covered = total = 0
-    for p in prompts:
-        response = responses[p.row_id]
-        lengths[p.task]["prompt"].append(len(response["prompt_ids"]))
-        lengths[p.task]["output"].append(len(response["output_ids"]))
-        example = make_example(p.task, response, vocab, recipe.max_seq_len)
-        if example is None:
-            continue
-        covered += int((example.topk_ids[:, 0] >= 0).sum())
-        total += len(example.topk_ids)
-        (holdout if p.holdout else train_set).append(example)
-    progress(f"drafter {name}: {len(train_set)} training and {len(holdout)} held-out responses, "
-             f"{total} response tokens, {covered / max(total, 1):.1%} inside the drafter's vocabulary")
-
+    # Training resumes from the checkpoint in `.partial` while the inputs are the same.
     partial = out.with_name(out.name + ".partial")
     if (partial / "inputs_hash").exists() and (partial / "inputs_hash").read_text() != expected_hash:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     (partial / "inputs_hash").write_text(expected_hash)
-    checkpoint = partial / "checkpoint.pt"
-    train_started = time.monotonic()
-    record = train(model, train_set, holdout, recipe, pad_id=model.config.pad_token_id or 0,
-                   checkpoint=checkpoint, progress=lambda msg: progress(f"drafter {name}: {msg}"))
-    training_s = time.monotonic() - train_started
-
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    save_drafter(model, staging, Path(target_model_arg(config)), target_ids, config.target.dtype)
-    histograms, length_lists = length_record(dict(lengths))
+    build = _build_head if drafter.kind == "eagle3" else _build_draft_model
+    built = build(config, recipe, base, tokenizer, prompts, responses, partial / "checkpoint.pt", staging,
+                  lambda msg: progress(f"drafter {name}: {msg}"))
+
+    record, lengths = built.record, built.lengths
+    histograms, length_lists = length_record(lengths)
     tasks_counts = {t: len(lengths[t]["prompt"]) for t in tasks}
     card = {
         "name": name,
+        "kind": drafter.kind,
         "inputs_hash": expected_hash,
         "fingerprint": quick,
         "base": base,
         "target": {"name": config.target.name, "path": target_model_arg(config), "dtype": config.target.dtype,
                    "files": target_hashes},
         "recipe": recipe.model_dump(mode="json"),
-        "shape": drafter_shape(staging),
+        "shape": built.shape,
         "training_data": {
             "split": "train",
             "tasks": tasks,
@@ -201,14 +176,14 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict], workload_fing
             "response_tokens": {t: sum(lengths[t]["output"]) for t in tasks},
             "holdout_prompts": {t: sum(1 for p in prompts if p.task == t and p.holdout) for t in tasks},
             "seed": recipe.seed,
-            "vocabulary_coverage": round(covered / max(total, 1), 4),
+            "vocabulary_coverage": built.coverage,
             "histograms": histograms,
             "lengths": length_lists,
         },
         "generation": {"engine": "vllm", "dtype": config.target.dtype, "top_k": recipe.top_k,
                        "seconds": round(generation_s, 1), "cache": str(cache)},
         "training": record,
-        "build_seconds": {"responses": round(generation_s, 1), "training": round(training_s, 1),
+        "build_seconds": {"responses": round(generation_s, 1), "training": round(built.training_s, 1),
                           "total": round(time.monotonic() - started, 1)},
         "software": _software(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -220,6 +195,121 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict], workload_fing
     progress(f"drafter {name}: saved to {out} in {time.monotonic() - started:.0f}s "
              f"(held-out top-1 agreement {record['holdout_after']['top1_agreement']})")
     return out
+
+
+def _kind_part(drafter) -> dict:
+    """The drafter's kind, for its hashes. Draft models were hashed before drafters had a kind:
+    leaving the default out keeps their cached builds current."""
+    return {} if drafter.kind == "draft_model" else {"kind": drafter.kind}
+
+
+@dataclass
+class _Built:
+    """What a kind's build hands back for the card; its network is saved in the staging directory."""
+    record: dict  # the training record
+    shape: dict
+    lengths: dict[str, dict[str, list[int]]]  # task -> prompt and output lengths of its train prompts
+    coverage: float  # share of response tokens inside the drafter's vocabulary
+    training_s: float
+
+
+def _examples(prompts, responses: dict, make, progress) -> tuple[list, list, dict, float]:
+    """(training examples, held-out examples, prompt and output lengths per task, vocabulary
+    coverage) from the target's responses; `make(task, response)` makes one example, or None."""
+    train_set, holdout = [], []
+    lengths: dict[str, dict[str, list[int]]] = defaultdict(lambda: {"prompt": [], "output": []})
+    covered = total = 0
+    for p in prompts:
+        response = responses[p.row_id]
+        lengths[p.task]["prompt"].append(len(response["prompt_ids"]))
+        lengths[p.task]["output"].append(len(response["output_ids"]))
+        example = make(p.task, response)
+        if example is None:
+            continue
+        covered += int((example.topk_ids[:, 0] >= 0).sum())
+        total += len(example.topk_ids)
+        (holdout if p.holdout else train_set).append(example)
+    progress(f"{len(train_set)} training and {len(holdout)} held-out responses, "
+             f"{total} response tokens, {covered / max(total, 1):.1%} inside the drafter's vocabulary")
+    return train_set, holdout, dict(lengths), round(covered / max(total, 1), 4)
+
+
+def _trimmed_vocabulary(tokenizer, recipe, responses: dict) -> list[int] | None:
+    """The target ids a trimmed drafter keeps (recipe.vocab_size), the most frequent in the
+    responses and their top-k; None keeps the full vocabulary."""
+    from drafters.vocab import choose_vocabulary
+
+    if recipe.vocab_size is None or recipe.vocab_size >= len(tokenizer):
+        return None
+    streams = [r["output_ids"] for r in responses.values()] + [
+        [t for step in r["topk_ids"] for t in step] for r in responses.values()]
+    return choose_vocabulary(tokenizer, recipe.vocab_size, streams)
+
+
+def _build_draft_model(config: ExperimentConfig, recipe: Recipe, base: dict, tokenizer, prompts, responses: dict,
+                       checkpoint: Path, staging: Path, progress) -> _Built:
+    """A draft model: cut from the target (or base_model) or continued from a drafter, distilled, saved."""
+    from drafters.model import drafter_from_target, drafter_shape, load_drafter, save_drafter
+    from drafters.train import make_example, train
+    from drafters.vocab import VocabMap, load_target_ids
+
+    if base["kind"] == "drafter":
+        parent_dir = Path(base["path"])
+        model, target_ids = load_drafter(parent_dir), load_target_ids(parent_dir)
+    else:
+        target_ids = _trimmed_vocabulary(tokenizer, recipe, responses)
+        model = drafter_from_target(base["path"], recipe.layers if base["kind"] == "target" else None, target_ids)
+    vocab = VocabMap(len(tokenizer), target_ids, unk_id=model.config.unk_token_id
+                     if getattr(model.config, "unk_token_id", None) is not None else 0)
+    train_set, holdout, lengths, coverage = _examples(
+        prompts, responses, lambda task, response: make_example(task, response, vocab, recipe.max_seq_len), progress)
+    started = time.monotonic()
+    record = train(model, train_set, holdout, recipe, pad_id=model.config.pad_token_id or 0,
+                   checkpoint=checkpoint, progress=progress)
+    training_s = time.monotonic() - started
+    save_drafter(model, staging, Path(target_model_arg(config)), target_ids, config.target.dtype)
+    return _Built(record, drafter_shape(staging), lengths, coverage, training_s)
+
+
+def _check_head_shape(config: ExperimentConfig, name: str, recipe: HeadRecipe) -> None:
+    """A head's aux layers must exist in the target (its config is enough to tell)."""
+    from transformers import AutoConfig
+
+    from drafters.eagle3 import head_config
+
+    try:
+        head_config(AutoConfig.from_pretrained(target_model_arg(config)), None, recipe.aux_layers,
+                    recipe.norm_before_residual)
+    except ValueError as err:
+        raise ConfigError(f"drafters.{name}.recipe.aux_layers: {err}") from None
+
+
+def _build_head(config: ExperimentConfig, recipe: HeadRecipe, base: dict, tokenizer, prompts, responses: dict,
+                checkpoint: Path, staging: Path, progress) -> _Built:
+    """An EAGLE-3 head: fresh on the target, or continued from a head; trained with the target's
+    hidden states and its unrolled draft steps, saved as vLLM loads it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from drafters.eagle3 import head_example, head_from_target, head_shape, load_head, save_head, train_head
+    from drafters.vocab import VocabMap
+
+    # float32 for training, whatever the arms serve; the head is saved in their dtype.
+    target = AutoModelForCausalLM.from_pretrained(target_model_arg(config), dtype=torch.float32).eval()
+    if base["kind"] == "drafter":
+        head = load_head(Path(base["path"]), target)
+    else:
+        head = head_from_target(target, _trimmed_vocabulary(tokenizer, recipe, responses), recipe.aux_layers,
+                                recipe.norm_before_residual)
+    vocab = VocabMap(target.config.vocab_size, head.target_ids, unk_id=0)
+    train_set, holdout, lengths, coverage = _examples(
+        prompts, responses, lambda task, response: head_example(task, response, vocab, recipe.max_seq_len), progress)
+    started = time.monotonic()
+    record = train_head(head, target, train_set, holdout, recipe, checkpoint, ttt_steps=recipe.ttt_steps,
+                        step_decay=recipe.step_decay, pad_id=target.config.pad_token_id or 0, progress=progress)
+    training_s = time.monotonic() - started
+    save_head(head, staging, dtype=config.target.dtype, trained_draft_steps=recipe.ttt_steps)
+    return _Built(record, head_shape(staging), lengths, coverage, training_s)
 
 
 def expected_hash_of(target_files: dict, dtype: str) -> str:
@@ -242,5 +332,7 @@ def drafter_summary(directory: Path) -> str:
     if card is None:
         return f"{directory}: no card"
     after = card["training"]["holdout_after"]
-    return json.dumps({"name": card["name"], "shape": card["shape"], "tasks": card["training_data"]["tasks"],
-                       "top1_agreement": after["top1_agreement"], "build_seconds": card["build_seconds"]})
+    # A card without a kind is a draft model's, written before heads existed.
+    return json.dumps({"name": card["name"], "kind": card.get("kind", "draft_model"), "shape": card["shape"],
+                       "tasks": card["training_data"]["tasks"], "top1_agreement": after["top1_agreement"],
+                       "build_seconds": card["build_seconds"]})

@@ -38,7 +38,8 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from drafters.recipe import Recipe
+from core.arms import TRAINED_STEPS_FIELD  # beside the launcher, which checks an arm's K against it
+from drafters.recipe import HeadRecipe
 from drafters.train import (Example, batches, budget_spent, distillation_loss, make_example, pick_device,
                             scheduled_lr)
 from drafters.vocab import VocabMap
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 # vLLM maps both names to Eagle3LlamaForCausalLM; this one is the name EAGLE-3 checkpoints ship with.
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 WEIGHTS_FILE = "model.safetensors"
-TRAINED_STEPS_FIELD = "specdrift_trained_draft_steps"
 
 
 def default_aux_layers(num_layers: int) -> list[int]:
@@ -295,7 +295,8 @@ def _collate(batch: list[Example], pad_id: int, device: torch.device):
 
 
 def _unrolled(head, target_model, batch, pad_id, device, ttt_steps: int):
-    """Per unrolled draft step: (logits at the scored anchors, their target top-k ids and log-probs).
+    """Per unrolled draft step: (logits at the scored anchors, their target top-k ids and log-probs,
+    the (B, T) mask of those anchors).
 
     Step j (0-based) at anchor t reads token t+1+j at position t+j and predicts the target's
     distribution at position t+1+j; anchors before the prompt's last position are never drafted."""
@@ -314,27 +315,66 @@ def _unrolled(head, target_model, batch, pad_id, device, ttt_steps: int):
         scored[:, :length - shift] = anchor_ok[:, :length - shift] & has_row[:, shift:]
         logits, hidden = head(hidden, step_embeds, positions + j, mask, past, select=scored)
         out.append((logits, topk_ids[:, shift:][scored[:, :length - shift]],
-                    topk_logprobs[:, shift:][scored[:, :length - shift]]))
+                    topk_logprobs[:, shift:][scored[:, :length - shift]], scored))
     return out
+
+
+def head_tau(hits: list[torch.Tensor], k: int) -> float:
+    """Mean acceptance length of greedy speculation with a head drafting k tokens per step, over
+    responses whose hits[j, r] says whether step j + 1, anchored at response token r - 1 - j,
+    drafted response token r right: as drafters/train.py simulated_tau, but a step's j-th draft is
+    the head's j-th step from the step's anchor, not a teacher-forced pass."""
+    accepted_plus_one = []
+    for hit in hits:
+        position, n = 1, hit.shape[1]
+        while position < n:
+            run = 0
+            while run < k and position + run < n and hit[run, position + run]:
+                run += 1
+            accepted_plus_one.append(run + 1)
+            position += run + 1
+    return sum(accepted_plus_one) / max(len(accepted_plus_one), 1)
 
 
 @torch.no_grad()
 def head_agreement(head, target_model, examples: list[Example], pad_id: int, device: torch.device,
                    batch_tokens: int, ttt_steps: int) -> dict:
-    """Held-out top-1 agreement with the target's greedy token at each unrolled step (step j
-    counts the anchors where j + 1 tokens can be checked)."""
+    """Held-out figures, as a draft model's card has them (top-1 agreement at the first draft,
+    simulated tau at each K up to ttt_steps, both per task too), and the top-1 agreement at each
+    unrolled step (step j counts the anchors where j + 1 tokens can be checked)."""
     head.eval()
-    hits = [[0, 0] for _ in range(ttt_steps)]
+    per_example: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (task, hit, scored), each (steps, tokens)
     for batch in batches(examples, batch_tokens, random.Random(0)):
-        for j, (logits, ids, _) in enumerate(_unrolled(head, target_model, batch, pad_id, device, ttt_steps)):
-            hits[j][0] += int((logits.argmax(-1) == ids[:, 0]).sum())
-            hits[j][1] += len(ids)
+        rows = [(e.task, torch.zeros(ttt_steps, len(e.topk_ids), dtype=torch.bool),
+                 torch.zeros(ttt_steps, len(e.topk_ids), dtype=torch.bool)) for e in batch]
+        for j, (logits, ids, _, scored) in enumerate(_unrolled(head, target_model, batch, pad_id, device, ttt_steps)):
+            scored = scored.cpu()
+            right = torch.zeros(scored.shape, dtype=torch.bool)
+            right[scored] = (logits.argmax(-1) == ids[:, 0]).cpu()
+            for i, (e, (_, hit, seen)) in enumerate(zip(batch, rows)):
+                # Step j drafts response token r from anchor t = first_scored + r - 1 - j.
+                n, start = len(e.topk_ids), e.first_scored
+                if n > 1 + j:
+                    hit[j, 1 + j:] = right[i, start:start + n - 1 - j]
+                    seen[j, 1 + j:] = scored[i, start:start + n - 1 - j]
+        per_example += rows
     head.train()
-    return {"top1_agreement_by_step": [round(h / n, 4) if n else None for h, n in hits],
-            "tokens_by_step": [n for _, n in hits]}
+
+    def figures(selected):
+        counts = [(sum(int(h[j][s[j]].sum()) for h, s in selected), sum(int(s[j].sum()) for _, s in selected))
+                  for j in range(ttt_steps)]
+        by_step = [round(hits / n, 4) if n else None for hits, n in counts]
+        return {"top1_agreement": by_step[0], "tokens": counts[0][1],
+                **{f"simulated_tau_k{k}": round(head_tau([h for h, _ in selected], k), 3)
+                   for k in range(1, ttt_steps + 1)},
+                "top1_agreement_by_step": by_step, "tokens_by_step": [n for _, n in counts]}
+
+    tasks = sorted({task for task, _, _ in per_example})
+    return {**figures([(h, s) for _, h, s in per_example]),
+            "by_task": {t: figures([(h, s) for task, h, s in per_example if task == t]) for t in tasks}}
 
 
-def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout: list[Example], recipe: Recipe,
+def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout: list[Example], recipe: HeadRecipe,
                checkpoint: Path, ttt_steps: int = 2, step_decay: float = 1.0, pad_id: int = 0,
                progress=log.info) -> dict:
     """Train the head in place with `ttt_steps` unrolled draft steps until the recipe's step or token
@@ -364,6 +404,7 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
     def evaluate():
         figures = head_agreement(head, target_model, holdout, pad_id, device, recipe.batch_tokens, ttt_steps)
         state["evaluations"].append({"step": state["step"], "minutes": round(state["seconds"] / 60, 2),
+                                     "top1_agreement": figures["top1_agreement"],
                                      "top1_agreement_by_step": figures["top1_agreement_by_step"]})
         return figures
 
@@ -382,7 +423,7 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
 
         steps = _unrolled(head, target_model, batch, pad_id, device, ttt_steps)
         loss = sum(step_decay ** j * distillation_loss(logits, ids, logprobs, recipe.hard_weight)
-                   for j, (logits, ids, logprobs) in enumerate(steps))
+                   for j, (logits, ids, logprobs, _) in enumerate(steps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -453,3 +494,15 @@ def load_head(directory: Path, target_model) -> Eagle3Head:
     head.load_state_dict({name: t.float() if t.is_floating_point() else t for name, t in tensors.items()})
     head.trained_draft_steps = config.get(TRAINED_STEPS_FIELD, 0)
     return head
+
+
+def head_shape(directory: Path) -> dict:
+    """A saved head's shape for its card: what it reads, what it drafts, and its own weights."""
+    config = json.loads((directory / "config.json").read_text())
+    tensors = load_file(directory / WEIGHTS_FILE)
+    return {"layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
+            "parameters": sum(t.numel() for t in tensors.values() if t.is_floating_point()),
+            "aux_layers": config["eagle_aux_hidden_state_layer_ids"],
+            "norm_before_residual": config["norm_before_residual"],
+            "vocab_size": config["vocab_size"], "draft_vocab_size": config["draft_vocab_size"],
+            "trimmed_vocabulary": "d2t" in tensors, "ttt_steps": config[TRAINED_STEPS_FIELD]}

@@ -11,6 +11,10 @@ TPOT as the gateway's records define it (core/streaming.py); c is the median
 over prompts of drafter TPOT / baseline TPOT. Requests go to the
 servers directly, not through the gateway, so they leave no records.
 
+An EAGLE-3 head (`eagle3`) cannot be served alone: it drafts from the target's
+hidden states. Its arms are skipped here with a line saying so; their step cost
+r comes from the served TPOT instead.
+
 Inside speculative decoding vLLM runs the drafter within the target's engine
 step, so this c measures the drafter's own step, not the extra bookkeeping of a
 speculative step; the report sets it beside the estimate from the records.
@@ -156,6 +160,9 @@ def measure_costs(config: ExperimentConfig, arm_names: list[str], base_url: str,
     for name in arm_names:
         arm = config.arm(name)
         model = draft_model_path(config, arm)
+        if arm.local and arm.speculative is not None and arm.speculative.method == "eagle3" and name not in measured:
+            progress(f"cost {name}: not measured alone (an EAGLE-3 head reads the target's hidden states, so vLLM "
+                     "cannot serve it without the target); its step cost r comes from the served TPOT")
         if model is None or name in measured:
             continue
         progress(f"cost {name}: serving its draft model alone to time it against {config.baseline_arm}")
