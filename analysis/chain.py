@@ -6,12 +6,12 @@ target's greedy output and, per drafter, what it would propose. Paths below are
 under vllm/ (0.32.0); the rules, in the order a request meets them:
 
 1. First token from the prefill. The prefill step samples output[0] and carries
-   no draft; the drafter then proposes for the step after it (draft models and
-   n-gram alike: the runner drafts after every step whose request has sampled,
-   v1/worker/gpu_model_runner.py:4362-4489; only unfinished prefill chunks are
-   skipped, v1/core/sched/scheduler.py:2560-2564).
-2. Each step proposes K (a draft model always K; n-gram, see 7 and 8). The
-   scheduler then cuts the drafts to what fits before max_model_len:
+   no draft; the drafter then proposes for the step after it (draft models,
+   EAGLE-3 heads and n-gram alike: the runner drafts after every step whose
+   request has sampled, v1/worker/gpu_model_runner.py:4362-4489; only
+   unfinished prefill chunks are skipped, v1/core/sched/scheduler.py:2560-2564).
+2. Each step proposes K (a draft model or head always K; n-gram, see 7 and 8).
+   The scheduler then cuts the drafts to what fits before max_model_len:
    num_new_tokens <= max_model_len - num_computed - 1 (scheduler.py:714-721), so
    with num_computed = prompt + c - 1 after c output tokens at most
    max_model_len - (prompt + c) - 1 drafts are scheduled (scheduler.py:861-872);
@@ -73,6 +73,8 @@ import numpy as np
 
 # Drafts the runner sends when the step did not fit in the drafter (rule 6).
 _ZERO_DRAFT_TOKEN = 0
+# A stand-in for a head's draft that its depth vector rejects: no target token equals it.
+_REJECTED_TOKEN = -1
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,47 @@ def draft_model_trace(
         max_model_len=max_model_len,
         propose=lambda produced: [None] * k,
         is_accepted=is_accepted,
+        known_positions=known,
+    )
+
+
+def eagle3_trace(
+    depth_match: Sequence[Sequence[bool]],
+    served_tokens: int,
+    k: int,
+    *,
+    prompt_tokens: int,
+    max_model_len: int,
+    output_ids: Sequence[int],
+) -> Trace:
+    """The trace of an EAGLE-3 head from its per-depth match vectors.
+
+    depth_match[j][c] says whether the head's depth-j draft of the step that
+    starts at output position c (given prompt + output[:c], its own drafts
+    before j taken as the target's tokens) equals output[c + j]. A head's
+    drafts beyond the first read its own features, so unlike a draft model's
+    they are not match[c + j]; with the target's tokens as their inputs they
+    are exact wherever they are judged, since only leading drafts are. The
+    zero drafts of rule 6 are judged against output_ids.
+    """
+    if len(depth_match) < k:
+        raise ValueError(f"k={k} needs {k} draft depths, the head's vectors have {len(depth_match)}")
+    depth_match = [np.asarray(d, dtype=bool) for d in depth_match[:k]]
+    known = min(len(output_ids), *(len(d) for d in depth_match))
+
+    def propose(produced: int) -> Draft:
+        # The draft a matching depth proposes is the target's token; a rejected one, no token.
+        return [int(output_ids[produced + j])
+                if produced + j < known and depth_match[j][produced] else _REJECTED_TOKEN
+                for j in range(k)]
+
+    return _replay(
+        served_tokens=served_tokens,
+        k=k,
+        prompt_tokens=prompt_tokens,
+        max_model_len=max_model_len,
+        propose=propose,
+        is_accepted=lambda position, token: int(output_ids[position]) == token,
         known_positions=known,
     )
 

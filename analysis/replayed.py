@@ -2,9 +2,10 @@
 
 Greedy speculative decoding is deterministic given the target's greedy
 output, so the replay files (the target's output for every replayed prompt,
-each drafter's teacher-forced match vector over it; analysis/rundir.py reads
-them) give every step's accepted count at any K through vLLM's chain rule
-(analysis/chain.py). `compute_replay` turns them into results.json's
+each drafter's teacher-forced match vector over it, an EAGLE-3 head's one per
+draft depth; analysis/rundir.py reads them) give every step's accepted count
+at any K through vLLM's chain rule (analysis/chain.py); draft-model and EAGLE-3
+arms alike ("drafter arms"). `compute_replay` turns them into results.json's
 "replay" section:
 
 - acceptance per (arm, K, task, stratum), with "all" rows pooled by
@@ -33,6 +34,7 @@ from analysis import acceptance, chain, inference, stats, text
 from analysis.cells import ALL
 from analysis.rundir import RunData, finetune_pairs, scopes, select
 from analysis.schema import ArmInfo, Results
+from core.config import DRAFTER_KINDS  # arm methods that draft with a drafter's weights, replayed from its vectors
 from core.contracts import stratum_key
 
 VALIDATION_REGIME = "sequential"  # the regime whose per-request counts validate the replay
@@ -60,12 +62,19 @@ def ngram_window(arm: ArmInfo) -> tuple[int, int]:
     return (hi if lo is None else lo), (lo if hi is None else hi)
 
 
+def _has_vectors(run: RunData, arm: ArmInfo) -> bool:
+    """Whether the replay holds what the arm's chain needs: match vectors, and a head's per depth."""
+    if arm.method == "draft_model":
+        return arm.drafter in run.replay.matches
+    return arm.method == "eagle3" and arm.drafter in run.replay.depth_matches
+
+
 def replayed_arms(run: RunData) -> list[ArmInfo]:
-    """Speculative arms the replay covers: n-gram arms, and draft-model arms whose drafter has match vectors."""
+    """Speculative arms the replay covers: n-gram arms, and drafter arms whose drafter has its vectors."""
     if run.replay is None:
         return []
     return [a for a in run.speculative_arms if a.num_speculative_tokens
-            and (a.method == "ngram" or (a.method == "draft_model" and a.drafter in run.replay.matches))]
+            and (a.method == "ngram" or _has_vectors(run, a))]
 
 
 def arm_ks(run: RunData, arm: ArmInfo) -> list[int]:
@@ -81,6 +90,12 @@ def prompt_trace(run: RunData, arm: ArmInfo, prompt_id: str, k: int) -> chain.Tr
         lo, hi = ngram_window(arm)
         return chain.ngram_trace(target["prompt_ids"], target["output_ids"], target["served_tokens"], k,
                                  min_n=lo, max_n=hi, max_model_len=limit)
+    # By the drafter's vectors, not the arm's method: the design's replay-only drafters come as draft-model arms.
+    depths = replay.depth_matches.get(arm.drafter, {}).get(prompt_id)
+    if depths is not None:
+        return chain.eagle3_trace([[c == "1" for c in d] for d in depths], target["served_tokens"], k,
+                                  prompt_tokens=len(target["prompt_ids"]), max_model_len=limit,
+                                  output_ids=target["output_ids"])
     match, _ = replay.matches[arm.drafter][prompt_id]
     return chain.draft_model_trace([c == "1" for c in match], target["served_tokens"], k,
                                    prompt_tokens=len(target["prompt_ids"]), max_model_len=limit,
@@ -89,8 +104,9 @@ def prompt_trace(run: RunData, arm: ArmInfo, prompt_id: str, k: int) -> chain.Tr
 
 def _out_of_vocab(run: RunData, arm: ArmInfo, prompt_id: str) -> tuple[int, int]:
     """(served output tokens outside the drafter's vocabulary, tokens scored): positions
-    1..served_tokens-1, the ones a draft can propose (position 0 comes from the prefill)."""
-    if arm.method != "draft_model":
+    1..served_tokens-1, the ones a draft can propose (position 0 comes from the prefill). A drafter
+    without a trimmed vocabulary marks every token inside, so its share is 0."""
+    if arm.method not in DRAFTER_KINDS:
         return 0, 0
     served = run.replay.targets[prompt_id]["served_tokens"]
     in_vocab = run.replay.matches[arm.drafter][prompt_id][1][1:served]
@@ -275,7 +291,7 @@ def _codes(frame: pd.DataFrame) -> np.ndarray:
     return pd.factorize(frame["task"].astype(str) + "|" + frame["stratum"].astype(str), sort=True)[0]
 
 
-def acceptance_row(frame: pd.DataFrame, weights: np.ndarray, k: int, seed: int, draft_model: bool) -> dict:
+def acceptance_row(frame: pd.DataFrame, weights: np.ndarray, k: int, seed: int, drafter: bool) -> dict:
     """acceptance.summarize on weighted sums (weights 1/n: the plain ratios of
     sums), the raw counts, and tau's interval."""
     drafts, accepted = frame["drafts"].to_numpy(float), frame["accepted"].to_numpy(float)
@@ -299,7 +315,7 @@ def acceptance_row(frame: pd.DataFrame, weights: np.ndarray, k: int, seed: int, 
         "position_rate": summary["position_rate"], "conditional": summary["conditional"],
         "alpha": summary["alpha"], "vllm_rate": summary["vllm_rate"],
         "tokens_per_step": summary["tokens_per_step"], "drafting_share": summary["drafting_share"],
-        "oov_share": total("oov") / scored if draft_model and scored > 0 else None,
+        "oov_share": total("oov") / scored if drafter and scored > 0 else None,
     }
 
 
@@ -313,7 +329,7 @@ def _acceptance(run: RunData, units: dict) -> list[dict]:
             row = {"arm": arm_name, "k": k, "served": k == arm.num_speculative_tokens, "task": task,
                    "stratum": stratum, "weights": how, "natural_share_covered": covered,
                    **acceptance_row(scope, weights, k, stats.seed_for("replay-tau", arm_name, k, task, stratum),
-                                    arm.method == "draft_model")}
+                                    arm.method in DRAFTER_KINDS)}
             rows.append(row)
     return rows
 
@@ -528,8 +544,8 @@ def _cost_model(run: RunData, speed: dict, accept: dict) -> dict | None:
                           "speedup": math.exp(scope["log_tpot"].mean()), "r": r,
                           "c": None if arm.name in ngram else decompose(r["value"], gamma[arm.name], v_value)})
     sweeps = {}
-    for drafter in sorted({a.drafter for a in arms if a.method == "draft_model" and a.drafter}):
-        mine = [a for a in arms if a.drafter == drafter and a.method == "draft_model"]
+    for drafter in sorted({a.drafter for a in arms if a.method in DRAFTER_KINDS and a.drafter}):
+        mine = [a for a in arms if a.drafter == drafter and a.method in DRAFTER_KINDS]
         fit = k_sweep([(gamma[a.name], pooled[a.name]["value"]) for a in mine])
         if fit:
             sweeps[drafter] = {"arms": [a.name for a in mine], "source": "served arms", **fit}
@@ -544,7 +560,8 @@ def _cost_model(run: RunData, speed: dict, accept: dict) -> dict | None:
                       "TPOT_arm)), geometric mean over prompts as the speed-up is: the step time of the arm over "
                       "the baseline's",
         "assumption": "r = gamma c + v, with v (verification and bookkeeping per step) the same for every K and "
-                      "method: the n-gram arm (c ~ 0) gives v, and c = (r - v) / gamma for each draft-model arm. "
+                      "method: the n-gram arm (c ~ 0) gives v, and c = (r - v) / gamma for each drafter arm "
+                      "(draft model or EAGLE-3 head). "
                       + ("A K sweep tests it: r = gamma c + v fitted by least squares below, its v beside the n-gram "
                          "arm's." if sweeps else
                          "A K sweep (cost.k_sweep, or served arms of one drafter at several K) would test it; "
@@ -600,12 +617,12 @@ def _binned(values: np.ndarray, hits: np.ndarray) -> dict:
 
 
 def _profiles(run: RunData) -> dict:
-    """Per draft-model arm over every replayed prompt: the match rate m[t] (the
+    """Per drafter arm over every replayed prompt: the match rate m[t] (the
     first draft position's acceptance when a step starts at t) by output
     position t and by context length prompt_tokens + t, in doubling bins."""
     profiles = {}
     for arm in replayed_arms(run):
-        if arm.method != "draft_model":
+        if arm.method not in DRAFTER_KINDS:
             continue
         positions, contexts, hits = [], [], []
         for pid, (match, _) in sorted(run.replay.matches[arm.drafter].items()):

@@ -41,6 +41,8 @@ class ReplayData:
     info: dict  # replay.json
     k: list[int]  # the K list to replay (config replay.k, else replay.json's)
     max_model_len: int | None
+    # EAGLE-3 heads only: drafter -> prompt id -> one match string per draft depth (docs/formats.md).
+    depth_matches: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -298,6 +300,7 @@ def _read_replay(files: RunFiles, config: dict, prompts: pd.DataFrame) -> Replay
     if not targets:
         return None
     matches: dict[str, dict[str, tuple[str, str]]] = {}
+    depth_matches: dict[str, dict[str, list[str]]] = {}
     if files.replay_matches.is_file():
         for row in _jsonl(files.replay_matches):
             target = targets.get(str(row["id"]))
@@ -307,6 +310,11 @@ def _read_replay(files: RunFiles, config: dict, prompts: pd.DataFrame) -> Replay
                 raise RunDirError(f"{files.replay_matches}: {row['drafter']}/{row['id']}: match has "
                                   f"{len(row['match'])} positions, the target output {len(target['output_ids'])}")
             matches.setdefault(row["drafter"], {})[str(row["id"])] = (row["match"], row.get("in_vocab") or "")
+            if "depth_match" in row:
+                if any(len(d) != len(target["output_ids"]) for d in row["depth_match"]):
+                    raise RunDirError(f"{files.replay_matches}: {row['drafter']}/{row['id']}: a depth_match string "
+                                      f"is not {len(target['output_ids'])} positions long, as the target output")
+                depth_matches.setdefault(row["drafter"], {})[str(row["id"])] = list(row["depth_match"])
     controls = set(prompts.loc[prompts["is_control"], "prompt_id"])
     if files.replay_workload.is_file():
         try:
@@ -321,7 +329,7 @@ def _read_replay(files: RunFiles, config: dict, prompts: pd.DataFrame) -> Replay
     max_model_len = info.get("max_model_len") or (config.get("target") or {}).get("max_model_len")
     return ReplayData(prompts=table.sort_values("prompt_id").reset_index(drop=True), targets=targets,
                       matches=matches, info=info, k=sorted({int(x) for x in k}),
-                      max_model_len=int(max_model_len) if max_model_len else None)
+                      max_model_len=int(max_model_len) if max_model_len else None, depth_matches=depth_matches)
 
 
 def load_run(run_dir: str | Path) -> RunData:

@@ -7,7 +7,9 @@ teacher-forced pass of a drafter over prompt + target output gives, for every
 output position t, whether the drafter "matches" there; analysis/chain.py then
 replays vLLM's chain rule over that vector for any K. The drafter runs in the
 dtype the arms serve it in, and with a trimmed vocabulary through vLLM's own
-`VocabMapping`, so its tokens are mapped as the arm maps them.
+`VocabMapping`, so its tokens are mapped as the arm maps them. An EAGLE-3 head
+(card kind `eagle3`) reads its own hidden state from the draft before, so its
+lines carry one such vector per draft depth (drafters/replay_eagle3.py).
 
 Files (core/contracts.py RunFiles; docs/formats.md describes each field):
 `replay/targets.jsonl` (one line per prompt), `replay/matches.jsonl` (one line
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 
 from core.arms import vllm_env
-from core.config import ExperimentConfig
+from core.config import DRAFTER_KINDS, ExperimentConfig
 from core.contracts import RunFiles, read_workload, token_ids_hash, write_jsonl
 from core.paths import drafter_dir, target_model_arg
 from drafters.build import expected_hash_of, target_files
@@ -43,13 +45,13 @@ MAX_EXTEND = 16
 
 
 def replayed_drafters(config: ExperimentConfig, arm_names: list[str]) -> list[str]:
-    """The drafters that the named draft-model arms serve, each once, then
-    every configured drafter that no arm of the config serves: the design's
+    """The drafters that the named draft-model and EAGLE-3 arms serve, each once,
+    then every configured drafter that no arm of the config serves: the design's
     drafter matrix is replayed, not served (issue 12)."""
     names = []
     for name in arm_names:
         spec = config.arm(name).speculative
-        if spec and spec.method == "draft_model" and spec.drafter and spec.drafter not in names:
+        if spec and spec.method in DRAFTER_KINDS and spec.drafter and spec.drafter not in names:
             names.append(spec.drafter)
     served = {a.speculative.drafter for a in config.arms if a.speculative and a.speculative.drafter}
     return names + [d.name for d in config.drafters if d.name not in served and d.name not in names]
@@ -85,13 +87,19 @@ def target_outputs(config: ExperimentConfig, rows: list[dict], log_dir: Path, pr
     return targets
 
 
-def _target_key(target: dict) -> str:
+def target_key(target: dict) -> str:
+    """A cached match line's key: the prompt and the target output it was computed over."""
     return prompt_sha(target["prompt_ids"] + [-1] + target["output_ids"])
 
 
+def is_head(card: dict) -> bool:
+    """Whether a drafter card describes an EAGLE-3 head (cards without a kind are draft models)."""
+    return card.get("kind", "draft_model") == "eagle3"
+
+
 def drafter_matches(config: ExperimentConfig, name: str, targets: list[dict], progress=print) -> list[dict]:
-    """One line per target: the drafter's match and in-vocabulary vectors,
-    computed where the drafter's cache lacks them."""
+    """One line per target: the drafter's match and in-vocabulary vectors (a
+    head's also per draft depth), computed where the drafter's cache lacks them."""
     directory = drafter_dir(config, name)
     card = read_card(directory)
     if card is None:
@@ -99,20 +107,85 @@ def drafter_matches(config: ExperimentConfig, name: str, targets: list[dict], pr
     cache = config.cache_path / "drafters" / config.target.name / "replay" / (
         f"{card['inputs_hash'][:16]}-{config.target.dtype}.jsonl")
     cached = read_cache(cache)
-    todo = [t for t in targets if cached.get(t["id"], {}).get("key") != _target_key(t)]
+    depths = extension(config) if is_head(card) else 0
+
+    def fresh(line: dict | None, target: dict) -> bool:
+        # A head's cached line serves while it holds as many depths as this config replays.
+        return (line is not None and line.get("key") == target_key(target)
+                and len(line.get("depth_match", ())) >= depths)
+
+    todo = [t for t in targets if not fresh(cached.get(t["id"]), t)]
     if todo:
         tokens = sum(len(t["prompt_ids"]) + len(t["output_ids"]) for t in todo)
-        progress(f"drafter {name}: teacher-forced pass over {len(todo)} of {len(targets)} prompts "
+        what = f"{depths} unrolled head steps" if depths else "teacher-forced pass"
+        progress(f"drafter {name}: {what} over {len(todo)} of {len(targets)} prompts "
                  f"({tokens} tokens; cache {cache})")
         cache.parent.mkdir(parents=True, exist_ok=True)
+
+        def named(message: str) -> None:
+            progress(f"drafter {name}: {message}")
+
+        if depths:
+            from drafters.replay_eagle3 import head_matches  # here: it imports torch and transformers
+            lines = head_matches(config, directory, todo, depths, progress=named)
+        else:
+            lines = teacher_forced(config, directory, todo, progress=named)
         with open(cache, "a") as out:
-            for line in teacher_forced(config, directory, todo, progress=lambda m: progress(f"drafter {name}: {m}")):
+            for line in lines:
                 out.write(json.dumps(line) + "\n")
                 cached[line["id"]] = line
     else:
         progress(f"drafter {name}: matches for all {len(targets)} prompts cached in {cache}")
-    return [{"drafter": name, "id": t["id"], "match": cached[t["id"]]["match"],
-             "in_vocab": cached[t["id"]]["in_vocab"]} for t in targets]
+    rows = []
+    for t in targets:
+        line = cached[t["id"]]
+        rows.append({"drafter": name, "id": t["id"], "match": line["match"], "in_vocab": line["in_vocab"]})
+        if depths:
+            rows[-1]["depth_match"] = line["depth_match"][:depths]
+    return rows
+
+
+def length_batches(targets: list[dict], batch_tokens: int) -> list[list[int]]:
+    """Indexes into targets, sorted by prompt + output length (so padding is
+    small), in batches of at most `batch_tokens` padded tokens (a longer target alone)."""
+    order = sorted(range(len(targets)), key=lambda i: len(targets[i]["prompt_ids"]) + len(targets[i]["output_ids"]))
+    batches, batch, longest = [], [], 0
+    for i in order:
+        length = len(targets[i]["prompt_ids"]) + len(targets[i]["output_ids"])
+        if batch and max(longest, length) * (len(batch) + 1) > batch_tokens:
+            batches.append(batch)
+            batch, longest = [], 0
+        batch.append(i)
+        longest = max(longest, length)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def batch_progress(total: int, batches: int, progress):
+    """A callback(batch number, prompts done) that reports every 10th batch and the last, with an ETA."""
+    started = time.monotonic()
+
+    def report(number: int, done: int) -> None:
+        if number % 10 == 0 or number == batches:
+            elapsed = time.monotonic() - started
+            progress(f"{done}/{total} prompts, {elapsed:.0f}s, ETA {elapsed / done * (total - done):.0f}s")
+    return report
+
+
+def padded_inputs(targets: list[dict]):
+    """(ids, mask), right-padded: each target's prompt + output without its last token, which no
+    draft reads."""
+    import torch  # here: only the replay's passes need it
+
+    sequences = [t["prompt_ids"] + t["output_ids"][:-1] for t in targets]
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros((len(targets), width), dtype=torch.long)
+    mask = torch.zeros((len(targets), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, :len(sequence)] = torch.tensor(sequence)
+        mask[row, :len(sequence)] = 1
+    return ids, mask
 
 
 def teacher_forced(config: ExperimentConfig, directory: Path, targets: list[dict], progress=print):
@@ -143,29 +216,11 @@ def teacher_forced(config: ExperimentConfig, directory: Path, targets: list[dict
                                target_vocab_size, draft_vocab_size, device)
     inside_vocab = mapping.target_to_draft_ids.cpu() >= 0 if mapping is not None else None
 
-    order = sorted(range(len(targets)), key=lambda i: len(targets[i]["prompt_ids"]) + len(targets[i]["output_ids"]))
-    batches, batch, longest = [], [], 0
-    for i in order:
-        length = len(targets[i]["prompt_ids"]) + len(targets[i]["output_ids"])
-        if batch and max(longest, length) * (len(batch) + 1) > config.replay.batch_tokens:
-            batches.append(batch)
-            batch, longest = [], 0
-        batch.append(i)
-        longest = max(longest, length)
-    if batch:
-        batches.append(batch)
-
-    started, done = time.monotonic(), 0
+    batches = length_batches(targets, config.replay.batch_tokens)
+    report, done = batch_progress(len(targets), len(batches), progress), 0
     with torch.inference_mode():
         for number, batch in enumerate(batches, start=1):
-            # Inputs: prompt + output without its last token; right-padded.
-            sequences = [targets[i]["prompt_ids"] + targets[i]["output_ids"][:-1] for i in batch]
-            width = max(len(s) for s in sequences)
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, sequence in enumerate(sequences):
-                ids[row, :len(sequence)] = torch.tensor(sequence)
-                attention[row, :len(sequence)] = 1
+            ids, attention = padded_inputs([targets[i] for i in batch])
             ids, attention = ids.to(device), attention.to(device)
             if mapping is not None:
                 ids = mapping.map_target_to_draft_ids(ids)
@@ -183,14 +238,11 @@ def teacher_forced(config: ExperimentConfig, directory: Path, targets: list[dict
                 guess = guesses[row, start:start + len(output)]
                 inside = inside_vocab[output] if inside_vocab is not None \
                     else torch.ones(len(output), dtype=torch.bool)
-                yield {"id": target["id"], "key": _target_key(target),
+                yield {"id": target["id"], "key": target_key(target),
                        "match": "".join("1" if m else "0" for m in (guess == output).tolist()),
                        "in_vocab": "".join("1" if v else "0" for v in inside.tolist())}
             done += len(batch)
-            if number % 10 == 0 or number == len(batches):
-                elapsed = time.monotonic() - started
-                progress(f"{done}/{len(targets)} prompts, {elapsed:.0f}s, "
-                         f"ETA {elapsed / done * (len(targets) - done):.0f}s")
+            report(number, done)
 
 
 def replay_inputs(config: ExperimentConfig, run: RunFiles, arm_names: list[str], log_dir: Path,
@@ -210,7 +262,7 @@ def replay_inputs(config: ExperimentConfig, run: RunFiles, arm_names: list[str],
         began = time.monotonic()
         lines += drafter_matches(config, name, targets, progress)
         card = read_card(drafter_dir(config, name)) or {}
-        info["drafters"][name] = {"inputs_hash": card.get("inputs_hash"),
+        info["drafters"][name] = {"inputs_hash": card.get("inputs_hash"), "kind": card.get("kind", "draft_model"),
                                   "vocab_size": card.get("shape", {}).get("vocab_size"),
                                   "seconds": round(time.monotonic() - began, 1)}
     write_jsonl(run.replay_matches, lines)

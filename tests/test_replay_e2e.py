@@ -2,7 +2,8 @@
 
 The target's outputs come from vLLM's offline API (drafters/replay.py), a
 draft model is teacher-forced over them, and analysis/chain.py replays vLLM's
-chain rule. Served vLLM arms (a draft-model arm with a trimmed vocabulary, and
+chain rule. Served vLLM arms (a draft-model arm with a trimmed vocabulary, an
+EAGLE-3 arm whose drafts beyond the first read the head's own features, and
 the n-gram arm) then answer the same prompts with detailed per-request
 speculative metrics; in float32 greedy decoding is deterministic, so every
 prompt's accepted count, and every step's, must be what the replay says.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from analysis.chain import draft_model_trace, ngram_trace
+from analysis.chain import draft_model_trace, eagle3_trace, ngram_trace
 from core.arms import launch_arm
 from core.config import ArmConfig, SpeculativeConfig
 from core.streaming import stream_chat
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.slow
 PROMPTS_PER_TASK = 3
 MAX_TOKENS = 24
 DRAFT_K = 3
+HEAD_STEPS = 30  # the test head's training: partial acceptance at every depth
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,34 @@ def drafter(cpu_config, target_dir, targets, tmp_path_factory):
     target_ids = choose_vocabulary(tokenizer, 16384, streams)
     out = tmp_path_factory.mktemp("replay-drafter")
     save_drafter(drafter_from_target(target_dir, 12, target_ids), out, target_dir, target_ids, "float32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def head(target_dir, targets, tmp_path_factory):
+    """An EAGLE-3 head trained for a few steps, with K unrolled steps, on these very targets (the
+    target's greedy token as a top-1 label): its drafts at every depth match the target often but
+    not always, and its later drafts, which read its own features, differ from a draft model's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from drafters.eagle3 import head_example, head_from_target, save_head, train_head
+    from drafters.recipe import HeadRecipe
+    from drafters.vocab import VocabMap
+
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
+    vocab = VocabMap(target.config.vocab_size, None, unk_id=0)
+    examples = [head_example(t["task"], {**t, "topk_ids": [[i] for i in t["output_ids"]],
+                                         "topk_logprobs": [[0.0] for _ in t["output_ids"]]}, vocab, 512)
+                for t in targets]
+    examples = [e for e in examples if e is not None]
+    head = head_from_target(target)
+    out = tmp_path_factory.mktemp("replay-head")
+    recipe = HeadRecipe(max_steps=HEAD_STEPS, learning_rate=3e-3, warmup_steps=2, eval_every_steps=HEAD_STEPS)
+    train_head(head, target, examples, examples[:2], recipe, out / "checkpoint.pt", ttt_steps=DRAFT_K,
+               progress=lambda message: None)
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    save_head(head, out, dtype="float32", trained_draft_steps=DRAFT_K)
     return out
 
 
@@ -100,6 +130,39 @@ def test_draft_model_replay_equals_vllm_per_prompt_and_per_step(cpu_config, rows
         accepted_somewhere += trace.accepted_tokens > 0
         rejected_somewhere += trace.accepted_tokens < trace.draft_tokens
     assert accepted_somewhere and rejected_somewhere  # the test saw both outcomes
+
+
+def test_eagle3_replay_equals_vllm_per_prompt_and_per_step(cpu_config, rows, targets, head, stack, logs):
+    from drafters.replay_eagle3 import head_matches
+
+    lines = {m["id"]: m for m in head_matches(cpu_config, head, targets, DRAFT_K, progress=lambda message: None)}
+    arm = ArmConfig(name="head", engine_args={"enforce-eager": True},
+                    speculative=SpeculativeConfig(method="eagle3", model=str(head), num_speculative_tokens=DRAFT_K))
+    url = launch_arm(cpu_config, arm, cpu_config.ports.arms_from + 8, logs, stack, health_timeout_s=600,
+                     spec_metrics="detailed").url
+    served = _served(url, "head", rows)
+    accepted = rejected = beyond_first = unlike_a_draft_model = 0
+    for target in targets:
+        depths = [[c == "1" for c in d] for d in lines[target["id"]]["depth_match"]]
+        trace = eagle3_trace(depths, target["served_tokens"], DRAFT_K, prompt_tokens=len(target["prompt_ids"]),
+                             max_model_len=cpu_config.target.max_model_len, output_ids=target["output_ids"])
+        spec = served[target["id"]].spec
+        assert served[target["id"]].tokens == target["served_tokens"], target["id"]  # lossless
+        assert spec["num_spec_steps"] == trace.drafts, target["id"]
+        assert spec["num_accepted_draft_tokens"] == trace.accepted_tokens, target["id"]
+        assert list(spec["per_step_accepted"]) == list(trace.accepted), target["id"]
+        accepted += trace.accepted_tokens > 0
+        rejected += trace.accepted_tokens < trace.draft_tokens
+        beyond_first += sum(a > 1 for a in trace.accepted)
+        # Read as a draft model's match vector (draft j = depth 0 at c + j), depth 0 gives another chain.
+        as_draft_model = draft_model_trace(depths[0], target["served_tokens"], DRAFT_K,
+                                           prompt_tokens=len(target["prompt_ids"]),
+                                           max_model_len=cpu_config.target.max_model_len)
+        unlike_a_draft_model += as_draft_model.accepted != trace.accepted
+    print(f"eagle3 replay: {len(targets)} prompts, {beyond_first} steps with more than one draft accepted, "
+          f"{unlike_a_draft_model} prompts whose chain differs from a draft model's reading")
+    assert accepted and rejected and beyond_first  # the test saw both outcomes, and drafts past the first accepted
+    assert unlike_a_draft_model  # the unrolled depths mattered: a draft model's reading would miss vLLM's counts
 
 
 def test_ngram_replay_equals_vllm_per_prompt(cpu_config, real_arms, rows, targets):
