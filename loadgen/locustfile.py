@@ -94,7 +94,11 @@ def recorded_ok(path: str, run_id: str) -> Counter:
     """(regime, prompt id, arm) -> how many times the gateway recorded it ok."""
     if not path or not (is_database_url(path) or os.path.exists(path)):
         return Counter()
-    return Counter((r["regime"], r["prompt_id"], r["arm"]) for r in read_records(path, run_id) if r["status"] == OK)
+    try:
+        records = read_records(path, run_id)
+    except FileNotFoundError:  # a database no gateway has written to yet
+        return Counter()
+    return Counter((r["regime"], r["prompt_id"], r["arm"]) for r in records if r["status"] == OK)
 
 
 def make_scheduler(environment) -> Scheduler:

@@ -391,7 +391,7 @@ def copy_run_records(run: RunFiles, run_id: str, url: str, password: str | None,
     stays analysable without the database; returns how many."""
     try:
         records = read_records(url, run_id, password)
-    except psycopg.Error as err:
+    except (psycopg.Error, FileNotFoundError) as err:  # the second: no gateway created the table
         raise RunError(f"cannot copy run {run_id}'s records from {shown_url(url)}: {one_line(err)}") from None
     copy_records(records, run.records)
     progress(f"records: {len(records)} of run {run_id} copied from {shown_url(url)} into {run.records}")

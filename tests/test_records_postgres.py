@@ -27,7 +27,7 @@ from service.records_postgres import PostgresRecordStore
 from service.settings import GatewaySettings
 from specdrift.cli import main
 from specdrift.commands import with_records
-from specdrift.runner import copy_run_records
+from specdrift.runner import RunError, copy_run_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -212,6 +212,8 @@ def test_a_database_no_gateway_wrote_to_reads_as_a_missing_store(postgres_databa
         read_records(postgres_database)
     with pytest.raises(FileNotFoundError, match="no record store at"):
         read_records(tmp_path / "absent.sqlite")
+    with pytest.raises(RunError, match="cannot copy run run-1's records .* no requests table"):
+        copy_run_records(RunFiles(tmp_path), "run-1", postgres_database, None, progress=lambda line: None)
 
 
 def test_count_records_and_the_run_directory_copy(postgres_database, tmp_path):
