@@ -40,8 +40,8 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, Lla
 
 from core.arms import TRAINED_STEPS_FIELD  # beside the launcher, which checks an arm's K against it
 from drafters.recipe import HeadRecipe
-from drafters.train import (Example, batches, budget_spent, distillation_loss, make_example, pick_device,
-                            scheduled_lr)
+from drafters.train import (Example, batches, budget_spent, chain_tau, distillation_loss, make_example,
+                            pick_device, scheduled_lr)
 from drafters.vocab import VocabMap
 
 log = logging.getLogger(__name__)
@@ -319,23 +319,6 @@ def _unrolled(head, target_model, batch, pad_id, device, ttt_steps: int):
     return out
 
 
-def head_tau(hits: list[torch.Tensor], k: int) -> float:
-    """Mean acceptance length of greedy speculation with a head drafting k tokens per step, over
-    responses whose hits[j, r] says whether step j + 1, anchored at response token r - 1 - j,
-    drafted response token r right: as drafters/train.py simulated_tau, but a step's j-th draft is
-    the head's j-th step from the step's anchor, not a teacher-forced pass."""
-    accepted_plus_one = []
-    for hit in hits:
-        position, n = 1, hit.shape[1]
-        while position < n:
-            run = 0
-            while run < k and position + run < n and hit[run, position + run]:
-                run += 1
-            accepted_plus_one.append(run + 1)
-            position += run + 1
-    return sum(accepted_plus_one) / max(len(accepted_plus_one), 1)
-
-
 @torch.no_grad()
 def head_agreement(head, target_model, examples: list[Example], pad_id: int, device: torch.device,
                    batch_tokens: int, ttt_steps: int) -> dict:
@@ -365,7 +348,7 @@ def head_agreement(head, target_model, examples: list[Example], pad_id: int, dev
                   for j in range(ttt_steps)]
         by_step = [round(hits / n, 4) if n else None for hits, n in counts]
         return {"top1_agreement": by_step[0], "tokens": counts[0][1],
-                **{f"simulated_tau_k{k}": round(head_tau([h for h, _ in selected], k), 3)
+                **{f"simulated_tau_k{k}": round(chain_tau([h for h, _ in selected], k), 3)
                    for k in range(1, ttt_steps + 1)},
                 "top1_agreement_by_step": by_step, "tokens_by_step": [n for _, n in counts]}
 

@@ -132,16 +132,23 @@ def agreement(model, examples: list[Example], pad_id: int, device: torch.device,
 
 
 def simulated_tau(hits: list[torch.Tensor], k: int) -> float:
-    """Mean acceptance length of greedy speculation with k drafts over these responses.
+    """Mean acceptance length of greedy speculation with k drafts over these responses, from a
+    teacher-forced pass: a step's j-th draft of response token r is judged by the same hits[r]."""
+    return chain_tau([correct.expand(k, -1) for correct in hits], k)
+
+
+def chain_tau(hits: list[torch.Tensor], k: int) -> float:
+    """Mean acceptance length of greedy speculation with k drafts per step, over responses whose
+    hits[j, r] says whether a step's draft j (0-based) of response token r is right.
 
     Response token 0 comes from prefill; each later step accepts the run of
     correct drafts (at most k) and adds the target's own token."""
     accepted_plus_one = []
-    for correct in hits:
-        position = 1
-        while position < len(correct):
+    for hit in hits:
+        position, n = 1, hit.shape[1]
+        while position < n:
             run = 0
-            while run < k and position + run < len(correct) and correct[position + run]:
+            while run < k and position + run < n and hit[run, position + run]:
                 run += 1
             accepted_plus_one.append(run + 1)
             position += run + 1

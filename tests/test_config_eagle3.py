@@ -168,16 +168,17 @@ def test_the_cost_step_skips_a_head_and_says_why(tmp_path):
                     "serve it without the target); its step cost r comes from the served TPOT"]
 
 
-def test_the_head_tau_is_the_draft_models_when_every_step_hits_alike():
+def test_the_chain_tau_is_the_draft_models_when_every_step_hits_alike():
     """With the same hits at every unrolled step the chain is a draft model's: both walks agree."""
-    from drafters.eagle3 import head_tau
-    from drafters.train import simulated_tau
+    from drafters.train import chain_tau, simulated_tau
 
     generator = torch.Generator().manual_seed(0)
     correct = [torch.rand(n, generator=generator) < 0.6 for n in (1, 2, 7, 30)]
     for k in (1, 2, 3):
-        assert head_tau([c.expand(k, -1) for c in correct], k) == pytest.approx(simulated_tau(correct, k))
+        assert chain_tau([c.expand(k, -1) for c in correct], k) == pytest.approx(simulated_tau(correct, k))
+    # The draft model's walk by hand: steps at response tokens 1, 3 and 6 accept 1, 2 and 1 drafts.
+    assert simulated_tau([torch.tensor([1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)], 2) == pytest.approx(7 / 3)
     # A head whose second step never hits accepts at most one draft per step.
     hits = torch.ones(2, 9, dtype=torch.bool)
     hits[1] = False
-    assert head_tau([hits], 2) == pytest.approx(2.0) and head_tau([torch.ones(2, 9, dtype=torch.bool)], 2) == 3.0
+    assert chain_tau([hits], 2) == pytest.approx(2.0) and chain_tau([torch.ones(2, 9, dtype=torch.bool)], 2) == 3.0
