@@ -39,6 +39,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from core.arms import TRAINED_STEPS_FIELD  # beside the launcher, which checks an arm's K against it
+from drafters.dtypes import saved_dtype
 from drafters.recipe import HeadRecipe
 from drafters.train import (Example, batches, budget_spent, chain_tau, distillation_loss, make_example,
                             pick_device, scheduled_lr)
@@ -452,12 +453,12 @@ def save_head(head: Eagle3Head, directory: Path, dtype: str = "bfloat16", traine
     d2t and t2d when the vocabulary is trimmed) and config.json, recording the draft steps it was
     trained for."""
     directory.mkdir(parents=True, exist_ok=True)
-    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
+    torch_dtype = saved_dtype(dtype)
     tensors = {name: (t.to(torch_dtype) if t.is_floating_point() else t).contiguous().cpu()
                for name, t in head.state_dict().items()}
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     config = head.config.to_dict()
-    config["dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(torch_dtype, "float32")
+    config["dtype"] = str(torch_dtype).removeprefix("torch.")
     config[TRAINED_STEPS_FIELD] = trained_draft_steps if trained_draft_steps is not None else head.trained_draft_steps
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from drafters.dtypes import saved_dtype
 from drafters.vocab import load_target_ids, save_trimmed_tokenizer
 
 
@@ -62,8 +63,7 @@ def load_drafter(drafter_dir: Path):
 def save_drafter(model, out_dir: Path, tokenizer_source: Path, target_ids: list[int] | None, dtype: str) -> None:
     """Weights (in the dtype the arms serve), config and tokenizer: an HF dir vLLM loads."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
-    model.to(torch_dtype).save_pretrained(out_dir, safe_serialization=True)
+    model.to(saved_dtype(dtype)).save_pretrained(out_dir, safe_serialization=True)
     model.to(torch.float32)
     if target_ids is None:
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):

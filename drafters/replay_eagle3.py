@@ -24,10 +24,10 @@ import torch
 
 from core.config import ExperimentConfig
 from core.paths import target_model_arg
+from drafters.dtypes import loaded_dtype
 from drafters.eagle3 import load_head, target_features
 from drafters.replay import batch_progress, length_batches, padded_inputs, target_key
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @torch.no_grad()
@@ -77,7 +77,7 @@ def load_models(config: ExperimentConfig, directory: Path, device: str):
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # its weight-loading bar would break the console's progress lines
-    dtype = DTYPES.get(config.target.dtype, "auto")
+    dtype = loaded_dtype(config.target.dtype)
     target = AutoModelForCausalLM.from_pretrained(target_model_arg(config), dtype=dtype).to(device).eval()
     head = load_head(directory, target)  # float32 weights; the shared embedding stays the target's
     return target, served_head(head.to(device), target.dtype)
