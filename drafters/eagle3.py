@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 # vLLM maps both names to Eagle3LlamaForCausalLM; this one is the name EAGLE-3 checkpoints ship with.
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 WEIGHTS_FILE = "model.safetensors"
+# The target's features of every training example are computed once and kept in memory when they fit
+# under this (float32, on the CPU): otherwise every step runs the whole target again.
+FEATURE_CACHE_MAX_BYTES = 8 * 2**30
 
 
 def default_aux_layers(num_layers: int) -> list[int]:
@@ -295,14 +298,45 @@ def _collate(batch: list[Example], pad_id: int, device: torch.device):
     return [t.to(device) for t in (ids, mask, first_anchor, topk_ids, topk_logprobs, has_row)]
 
 
-def _unrolled(head, target_model, batch, pad_id, device, ttt_steps: int):
+@torch.no_grad()
+def example_features(target_model, examples: list[Example], layer_ids: list[int], pad_id: int,
+                     device: torch.device, batch_tokens: int) -> dict[int, torch.Tensor] | None:
+    """id(example) -> its target features (tokens, aux layers x hidden), float32 on the CPU; None when
+    they would take more than FEATURE_CACHE_MAX_BYTES. A position's features depend only on the tokens
+    up to it (causal, right-padded), so they are the same in any batch."""
+    width = len(layer_ids) * target_model.config.hidden_size
+    if sum(len(e.input_ids) for e in examples) * width * 4 > FEATURE_CACHE_MAX_BYTES:
+        return None
+    cache = {}
+    for batch in batches(examples, batch_tokens, random.Random(0)):
+        ids, mask = _collate(batch, pad_id, device)[:2]
+        features, _ = target_features(target_model, ids, mask, layer_ids, logits=False)
+        for i, example in enumerate(batch):
+            cache[id(example)] = features[i, :len(example.input_ids)].float().cpu().clone()  # not a view of the batch
+    return cache
+
+
+def _batch_features(cache: dict[int, torch.Tensor], batch: list[Example], length: int, device) -> torch.Tensor:
+    """The cached features of a batch, right-padded with zeros (padded positions are never read)."""
+    width = cache[id(batch[0])].shape[1]
+    features = torch.zeros((len(batch), length, width), device=device)
+    for i, example in enumerate(batch):
+        features[i, :len(example.input_ids)] = cache[id(example)]
+    return features
+
+
+def _unrolled(head, target_model, batch, pad_id, device, ttt_steps: int, cache: dict | None = None):
     """Per unrolled draft step: (logits at the scored anchors, their target top-k ids and log-probs,
-    the (B, T) mask of those anchors).
+    the (B, T) mask of those anchors). The target's features come from `cache` (example_features)
+    when given, else from running the target on the batch.
 
     Step j (0-based) at anchor t reads token t+1+j at position t+j and predicts the target's
     distribution at position t+1+j; anchors before the prompt's last position are never drafted."""
     ids, mask, first_anchor, topk_ids, topk_logprobs, has_row = _collate(batch, pad_id, device)
-    features, _ = target_features(target_model, ids, mask, head.aux_layer_ids, logits=False)
+    if cache is None:
+        features, _ = target_features(target_model, ids, mask, head.aux_layer_ids, logits=False)
+    else:
+        features = _batch_features(cache, batch, ids.shape[1], device)
     embeds = head.embed(ids)
     length = ids.shape[1]
     positions = torch.arange(length, device=device).expand_as(ids)
@@ -322,7 +356,7 @@ def _unrolled(head, target_model, batch, pad_id, device, ttt_steps: int):
 
 @torch.no_grad()
 def head_agreement(head, target_model, examples: list[Example], pad_id: int, device: torch.device,
-                   batch_tokens: int, ttt_steps: int) -> dict:
+                   batch_tokens: int, ttt_steps: int, cache: dict | None = None) -> dict:
     """Held-out figures, as a draft model's card has them (top-1 agreement at the first draft,
     simulated tau at each K up to ttt_steps, both per task too), and the top-1 agreement at each
     unrolled step (step j counts the anchors where j + 1 tokens can be checked)."""
@@ -331,7 +365,7 @@ def head_agreement(head, target_model, examples: list[Example], pad_id: int, dev
     for batch in batches(examples, batch_tokens, random.Random(0)):
         rows = [(e.task, torch.zeros(ttt_steps, len(e.topk_ids), dtype=torch.bool),
                  torch.zeros(ttt_steps, len(e.topk_ids), dtype=torch.bool)) for e in batch]
-        for j, (logits, ids, _, scored) in enumerate(_unrolled(head, target_model, batch, pad_id, device, ttt_steps)):
+        for j, (logits, ids, _, scored) in enumerate(_unrolled(head, target_model, batch, pad_id, device, ttt_steps, cache)):
             scored = scored.cpu()
             right = torch.zeros(scored.shape, dtype=torch.bool)
             right[scored] = (logits.argmax(-1) == ids[:, 0]).cpu()
@@ -384,9 +418,18 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
         torch.set_rng_state(saved["torch_rng"])
         progress(f"resumed from {checkpoint} at step {state['step']} ({state['seconds'] / 60:.1f} min)")
     index_of = {id(example): i for i, example in enumerate(train_set)}
+    started = time.monotonic()
+    train_cache, holdout_cache = (example_features(target_model, examples, head.aux_layer_ids, pad_id, device,
+                                                   recipe.batch_tokens) for examples in (train_set, holdout))
+    tokens = sum(len(e.input_ids) for e in train_set + holdout)
+    progress(f"target features of {tokens} tokens computed once ({time.monotonic() - started:.0f}s)"
+             if train_cache is not None and holdout_cache is not None else
+             f"target features of {tokens} tokens exceed {FEATURE_CACHE_MAX_BYTES / 2**30:.0f} GiB: "
+             "every step runs the target")
 
     def evaluate():
-        figures = head_agreement(head, target_model, holdout, pad_id, device, recipe.batch_tokens, ttt_steps)
+        figures = head_agreement(head, target_model, holdout, pad_id, device, recipe.batch_tokens, ttt_steps,
+                                 holdout_cache)
         state["evaluations"].append({"step": state["step"], "minutes": round(state["seconds"] / 60, 2),
                                      "top1_agreement": figures["top1_agreement"],
                                      "top1_agreement_by_step": figures["top1_agreement_by_step"]})
@@ -405,7 +448,7 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
         for group in optimizer.param_groups:
             group["lr"] = scheduled_lr(recipe, state["step"], done_fraction())
 
-        steps = _unrolled(head, target_model, batch, pad_id, device, ttt_steps)
+        steps = _unrolled(head, target_model, batch, pad_id, device, ttt_steps, train_cache)
         loss = sum(step_decay ** j * distillation_loss(logits, ids, logprobs, recipe.hard_weight)
                    for j, (logits, ids, logprobs, _) in enumerate(steps))
         optimizer.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from drafters import eagle3
 from drafters.eagle3 import (ARCHITECTURE, TRAINED_STEPS_FIELD, default_aux_layers, head_example, head_from_target,
                              load_head, save_head, target_features, train_head)
 from drafters.recipe import REDUCED_RECIPE, Recipe
@@ -185,6 +186,34 @@ def test_tiny_training_with_two_unrolled_steps_lowers_the_loss(tmp_path):
     assert len(after["top1_agreement_by_step"]) == 2 and all(n > 0 for n in after["tokens_by_step"])
     # Step 2 is scored at one anchor fewer per example than step 1.
     assert after["tokens_by_step"][1] == after["tokens_by_step"][0] - len(holdout)
+
+
+def test_cached_target_features_give_the_draft_steps_running_the_target_gives():
+    target = _target()
+    vocab = VocabMap(VOCAB, KEPT, unk_id=0)
+    examples = _examples(target, vocab, 6, seed=3)  # 9 to 15 tokens: the batch is padded
+    head = head_from_target(target, KEPT)
+    cache = eagle3.example_features(target, examples, head.aux_layer_ids, 0, torch.device("cpu"), batch_tokens=40)
+    assert set(cache) == {id(e) for e in examples}
+    assert all(cache[id(e)].shape == (len(e.input_ids), 3 * HIDDEN) for e in examples)
+    with torch.no_grad():
+        direct = eagle3._unrolled(head, target, examples, 0, torch.device("cpu"), 2)
+        cached = eagle3._unrolled(head, target, examples, 0, torch.device("cpu"), 2, cache)
+    for (logits, ids, _, scored), (logits_c, ids_c, _, scored_c) in zip(direct, cached):
+        assert torch.equal(scored, scored_c) and torch.equal(ids, ids_c)
+        torch.testing.assert_close(logits_c, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_features_over_the_memory_limit_are_not_cached_and_training_runs_the_target(tmp_path, monkeypatch):
+    target = _target()
+    vocab = VocabMap(VOCAB, KEPT, unk_id=0)
+    examples = _examples(target, vocab, 4, seed=4)
+    monkeypatch.setattr(eagle3, "FEATURE_CACHE_MAX_BYTES", 4 * 3 * HIDDEN * 10)  # 10 tokens' worth
+    assert eagle3.example_features(target, examples, [2, 4, 5], 0, torch.device("cpu"), 64) is None
+    lines = []
+    record = train_head(head_from_target(target, KEPT), target, examples, examples[:1], _recipe(max_steps=2),
+                        tmp_path / "c.pt", ttt_steps=2, progress=lines.append)
+    assert record["steps"] == 2 and any("every step runs the target" in line for line in lines)
 
 
 def test_a_resumed_head_training_equals_an_uninterrupted_one(tmp_path, monkeypatch):
