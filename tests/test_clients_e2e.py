@@ -6,10 +6,12 @@ requests with a run label header, and its figures are compared with the
 gateway's records of the same requests:
 
 - its request count equals the records' count for its run label;
-- its median TTFT, and its median of the per-request figure defined as the
-  gateway's TPOT ((last token - first token) / (tokens - 1): AIPerf's and
-  GuideLLM's "ITL", vllm bench's "TPOT"), are within max(10%, 2 ms) of the
-  records' medians;
+- its median TTFT ends at the gateway's first chunk: no more than 2 ms below
+  the records' median, and above it by less than the median gap to the next
+  chunk (a client counting a later chunk would be that much later);
+- its median of the per-request figure defined as the gateway's TPOT
+  ((last token - first token) / (tokens - 1): AIPerf's and GuideLLM's "ITL",
+  vllm bench's "TPOT") is within max(10%, 2 ms) of the records' median;
 - speculative acceptance: AIPerf and GuideLLM read vLLM's per-request
   `metrics.speculative_decoding` (which the gateway passes through), so their
   mean acceptance length equals the records' to 3 decimals, and AIPerf's
@@ -142,8 +144,22 @@ def assert_close(progress, what: str, client_ms: float, records_ms: float) -> No
     progress(f"  {what}: client {client_ms:.2f} ms, records {records_ms:.2f} ms")
 
 
+def assert_same_first_token(progress, client: str, client_ms: float, records: list[dict]) -> None:
+    """The client's TTFT ends at the gateway's first chunk: it starts its clock first and reads the chunk
+    after the gateway sends it, by less than the gap to the next chunk. Its start-up share (connecting,
+    sending, being scheduled beside two arms on two cores) is a fixed cost, not a share of TTFT: AIPerf's
+    was 25 ms here and 27 ms in CI, where 10% of TTFT allowed 23."""
+    records_ms = 1000 * statistics.median(r["ttft_s"] for r in records)
+    next_chunk_ms = 1000 * statistics.median(r["itl_p50_s"] for r in records)
+    assert records_ms - 2.0 <= client_ms < records_ms + next_chunk_ms, \
+        f"{client} median TTFT: client {client_ms:.2f} ms, records {records_ms:.2f} ms " \
+        f"(next chunk {next_chunk_ms:.2f} ms later)"
+    progress(f"  {client} median TTFT: client {client_ms:.2f} ms, records {records_ms:.2f} ms "
+             f"(next chunk {next_chunk_ms:.2f} ms later)")
+
+
 def assert_timings_agree(progress, client: str, ttft_ms: float, tpot_ms: float, records: list[dict]) -> None:
-    assert_close(progress, f"{client} median TTFT", ttft_ms, 1000 * statistics.median(r["ttft_s"] for r in records))
+    assert_same_first_token(progress, client, ttft_ms, records)
     assert_close(progress, f"{client} median TPOT", tpot_ms, 1000 * statistics.median(r["tpot_s"] for r in records))
 
 
