@@ -419,17 +419,17 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
         progress(f"resumed from {checkpoint} at step {state['step']} ({state['seconds'] / 60:.1f} min)")
     index_of = {id(example): i for i, example in enumerate(train_set)}
     started = time.monotonic()
-    train_cache, holdout_cache = (example_features(target_model, examples, head.aux_layer_ids, pad_id, device,
-                                                   recipe.batch_tokens) for examples in (train_set, holdout))
+    # One cache for both sets, so that the memory limit bounds what training holds.
+    cache = example_features(target_model, train_set + holdout, head.aux_layer_ids, pad_id, device,
+                             recipe.batch_tokens)
     tokens = sum(len(e.input_ids) for e in train_set + holdout)
     progress(f"target features of {tokens} tokens computed once ({time.monotonic() - started:.0f}s)"
-             if train_cache is not None and holdout_cache is not None else
+             if cache is not None else
              f"target features of {tokens} tokens exceed {FEATURE_CACHE_MAX_BYTES / 2**30:.0f} GiB: "
              "every step runs the target")
 
     def evaluate():
-        figures = head_agreement(head, target_model, holdout, pad_id, device, recipe.batch_tokens, ttt_steps,
-                                 holdout_cache)
+        figures = head_agreement(head, target_model, holdout, pad_id, device, recipe.batch_tokens, ttt_steps, cache)
         state["evaluations"].append({"step": state["step"], "minutes": round(state["seconds"] / 60, 2),
                                      "top1_agreement": figures["top1_agreement"],
                                      "top1_agreement_by_step": figures["top1_agreement_by_step"]})
@@ -448,7 +448,7 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
         for group in optimizer.param_groups:
             group["lr"] = scheduled_lr(recipe, state["step"], done_fraction())
 
-        steps = _unrolled(head, target_model, batch, pad_id, device, ttt_steps, train_cache)
+        steps = _unrolled(head, target_model, batch, pad_id, device, ttt_steps, cache)
         loss = sum(step_decay ** j * distillation_loss(logits, ids, logprobs, recipe.hard_weight)
                    for j, (logits, ids, logprobs, _) in enumerate(steps))
         optimizer.zero_grad(set_to_none=True)

@@ -29,7 +29,6 @@ from drafters.eagle3 import load_head, target_features
 from drafters.replay import batch_progress, length_batches, padded_inputs, target_key
 
 
-
 @torch.no_grad()
 def head_drafts(head, target_model, ids: torch.Tensor, mask: torch.Tensor, first_anchor: torch.Tensor,
                 depths: int) -> torch.Tensor:
