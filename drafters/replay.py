@@ -197,14 +197,12 @@ def teacher_forced(config: ExperimentConfig, directory: Path, targets: list[dict
     logging.getLogger("vllm").setLevel(logging.ERROR)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as transformers_logging
     from vllm.tokenizers.registry import get_tokenizer
     from vllm.v1.spec_decode.vocab_mapping import VocabMapping
 
     from drafters.dtypes import loaded_dtype
 
     logging.getLogger("vllm").setLevel(logging.ERROR)  # in case vLLM was imported before, with its own level
-    transformers_logging.disable_progress_bar()  # its weight-loading bar would break the console's progress lines
     dtype = loaded_dtype(config.target.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU host's drafter pass runs on its GPU
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()

@@ -73,9 +73,7 @@ def depth_strings(drafts: torch.Tensor, prompt_tokens: int, output_ids: list[int
 def load_models(config: ExperimentConfig, directory: Path, device: str):
     """(the target, the head), both in the served dtype on `device`, ready for inference."""
     from transformers import AutoModelForCausalLM  # here: importing transformers takes seconds
-    from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # its weight-loading bar would break the console's progress lines
     dtype = loaded_dtype(config.target.dtype)
     target = AutoModelForCausalLM.from_pretrained(target_model_arg(config), dtype=dtype).to(device).eval()
     head = load_head(directory, target)  # float32 weights; the shared embedding stays the target's

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from core.config import ConfigError
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll otherwise
+    # The hub's and transformers' bars (loading weights, writing shards) would break the console's progress
+    # lines; both read this when first imported, which is after this, and child processes inherit it.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return int(args.handler(args) or 0)
     except ConfigError as err:
