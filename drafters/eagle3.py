@@ -439,6 +439,7 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
         return budget_spent(recipe, state["step"], state["tokens"])
 
     initial = evaluate() if state["step"] == 0 else None
+    figures = initial
     while done_fraction() < 1.0:
         if not epoch_batches:
             epoch_batches = [[index_of[id(example)] for example in batch]
@@ -469,7 +470,9 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
                         "epoch_batches": epoch_batches, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
                        checkpoint)
 
-    final = evaluate()
+    # A budget that ends on an evaluation step was evaluated in the loop: not twice.
+    evaluated_now = figures is not None and state["evaluations"][-1]["step"] == state["step"]
+    final = figures if evaluated_now else evaluate()
     progress(f"trained {state['step']} steps ({ttt_steps} draft steps unrolled) in {state['seconds'] / 60:.1f} min; "
              f"held-out top-1 agreement by step {final['top1_agreement_by_step']}")
     head.to("cpu")
