@@ -420,9 +420,9 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
     index_of = {id(example): i for i, example in enumerate(train_set)}
     started = time.monotonic()
     # One cache for both sets, so that the memory limit bounds what training holds.
-    cache = example_features(target_model, train_set + holdout, head.aux_layer_ids, pad_id, device,
-                             recipe.batch_tokens)
-    tokens = sum(len(e.input_ids) for e in train_set + holdout)
+    featured = train_set + holdout
+    cache = example_features(target_model, featured, head.aux_layer_ids, pad_id, device, recipe.batch_tokens)
+    tokens = sum(len(e.input_ids) for e in featured)
     progress(f"target features of {tokens} tokens computed once ({time.monotonic() - started:.0f}s)"
              if cache is not None else
              f"target features of {tokens} tokens exceed {FEATURE_CACHE_MAX_BYTES / 2**30:.0f} GiB: "

@@ -139,9 +139,9 @@ def gateway_records(gateway, run: str) -> list[dict]:
 
 def assert_close(progress, what: str, client_ms: float, records_ms: float) -> None:
     tolerance = max(0.10 * records_ms, 2.0)
-    assert abs(client_ms - records_ms) <= tolerance, \
-        f"{what}: client {client_ms:.2f} ms, records {records_ms:.2f} ms (tolerance {tolerance:.2f} ms)"
-    progress(f"  {what}: client {client_ms:.2f} ms, records {records_ms:.2f} ms")
+    figures = f"{what}: client {client_ms:.2f} ms, records {records_ms:.2f} ms"
+    assert abs(client_ms - records_ms) <= tolerance, f"{figures} (tolerance {tolerance:.2f} ms)"
+    progress(f"  {figures}")
 
 
 def assert_same_first_token(progress, client: str, client_ms: float, records: list[dict]) -> None:
@@ -151,11 +151,10 @@ def assert_same_first_token(progress, client: str, client_ms: float, records: li
     was 25 ms here and 27 ms in CI, where 10% of TTFT allowed 23."""
     records_ms = 1000 * statistics.median(r["ttft_s"] for r in records)
     next_chunk_ms = 1000 * statistics.median(r["itl_p50_s"] for r in records)
-    assert records_ms - 2.0 <= client_ms < records_ms + next_chunk_ms, \
-        f"{client} median TTFT: client {client_ms:.2f} ms, records {records_ms:.2f} ms " \
-        f"(next chunk {next_chunk_ms:.2f} ms later)"
-    progress(f"  {client} median TTFT: client {client_ms:.2f} ms, records {records_ms:.2f} ms "
-             f"(next chunk {next_chunk_ms:.2f} ms later)")
+    figures = (f"{client} median TTFT: client {client_ms:.2f} ms, records {records_ms:.2f} ms "
+               f"(next chunk {next_chunk_ms:.2f} ms later)")
+    assert records_ms - 2.0 <= client_ms < records_ms + next_chunk_ms, figures
+    progress(f"  {figures}")
 
 
 def assert_timings_agree(progress, client: str, ttft_ms: float, tpot_ms: float, records: list[dict]) -> None:
