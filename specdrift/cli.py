@@ -47,9 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll otherwise
-    # The hub's and transformers' bars (loading weights, writing shards) would break the console's progress
-    # lines; both read this when first imported, which is after this, and child processes inherit it.
+    # The hub's, transformers' and tqdm's own bars (loading weights, writing shards, de-quantizing the GGUF)
+    # would break the console's progress lines; each reads these when first imported, which is after this,
+    # and child processes inherit them.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         return int(args.handler(args) or 0)
     except ConfigError as err:

@@ -287,6 +287,18 @@ def _tiny_training(seed: int = 0):
     return model, [example(6 + i % 7) for i in range(24)], [example(8) for _ in range(3)]
 
 
+def test_training_evaluates_each_step_once_and_its_last_step_always(tmp_path):
+    from drafters.train import train
+
+    for max_steps, evaluated in ((6, [0, 3, 6]), (8, [0, 3, 6, 8])):
+        recipe = Recipe.model_validate({**REDUCED_RECIPE, "max_steps": max_steps, "eval_every_steps": 3,
+                                        "batch_tokens": 64, "warmup_steps": 2})
+        model, examples, holdout = _tiny_training()
+        record = train(model, examples, holdout, recipe, 0, tmp_path / f"{max_steps}.pt", progress=lambda m: None)
+        assert [e["step"] for e in record["evaluations"]] == evaluated
+        assert record["holdout_after"]["top1_agreement"] == record["evaluations"][-1]["top1_agreement"]
+
+
 def test_training_is_counted_in_steps_and_a_resumed_build_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     from drafters.train import train
 
