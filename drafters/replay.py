@@ -201,6 +201,7 @@ def teacher_forced(config: ExperimentConfig, directory: Path, targets: list[dict
     from vllm.v1.spec_decode.vocab_mapping import VocabMapping
 
     from drafters.dtypes import loaded_dtype
+    from drafters.train import scored_logits
 
     logging.getLogger("vllm").setLevel(logging.ERROR)  # in case vLLM was imported before, with its own level
     dtype = loaded_dtype(config.target.dtype)
@@ -223,18 +224,22 @@ def teacher_forced(config: ExperimentConfig, directory: Path, targets: list[dict
             ids, attention = ids.to(device), attention.to(device)
             if mapping is not None:
                 ids = mapping.map_target_to_draft_ids(ids)
-            logits = model(input_ids=ids, attention_mask=attention).logits
+            # The head only where a draft is read, each output position (the prompt's last position
+            # predicts output[0]): prompts are most of the tokens, and the head is the costly part.
+            lengths = [len(targets[i]["output_ids"]) for i in batch]
+            rows = [row for row, n in enumerate(lengths) for _ in range(n)]
+            cols = [len(targets[i]["prompt_ids"]) - 1 + j for i, n in zip(batch, lengths) for j in range(n)]
+            logits = scored_logits(model, ids, attention, torch.tensor(rows, dtype=torch.long, device=device),
+                                   torch.tensor(cols, dtype=torch.long, device=device))
             if mapping is not None:
                 logits = mapping.constrain_draft_logits(logits)
             guesses = logits.argmax(dim=-1)
             if mapping is not None:
                 guesses = mapping.map_draft_to_target_ids(guesses)
-            guesses = guesses.cpu()
-            for row, i in enumerate(batch):
+            guesses = guesses.cpu().split(lengths)
+            for i, guess in zip(batch, guesses):
                 target = targets[i]
                 output = torch.tensor(target["output_ids"])
-                start = len(target["prompt_ids"]) - 1  # the logits there predict output[0]
-                guess = guesses[row, start:start + len(output)]
                 inside = inside_vocab[output] if inside_vocab is not None \
                     else torch.ones(len(output), dtype=torch.bool)
                 yield {"id": target["id"], "key": target_key(target),

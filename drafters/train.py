@@ -92,7 +92,7 @@ def _collate(batch: list[Example], pad_id: int, device: torch.device):
             topk_ids.to(device), topk_logprobs.to(device))
 
 
-def _scored_logits(model, ids, mask, rows, cols):
+def scored_logits(model, ids, mask, rows, cols):
     """Logits at the scored positions only: the head is the costly part on a CPU."""
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
     return model.lm_head(hidden[rows, cols])
@@ -121,7 +121,7 @@ def agreement(model, examples: list[Example], pad_id: int, device: torch.device,
     hits: list[tuple[str, torch.Tensor]] = []
     for batch in batches(examples, batch_tokens, random.Random(0)):
         ids, mask, rows, cols, topk_ids, _ = _collate(batch, pad_id, device)
-        predicted = _scored_logits(model, ids, mask, rows, cols).argmax(-1)
+        predicted = scored_logits(model, ids, mask, rows, cols).argmax(-1)
         correct = (predicted == topk_ids[:, 0]).cpu()
         start = 0
         for e in batch:
@@ -234,7 +234,7 @@ def train(model, train_set: list[Example], holdout: list[Example], recipe: Recip
             group["lr"] = scheduled_lr(recipe, state["step"], done_fraction())
 
         ids, mask, rows, cols, topk_ids, topk_logprobs = _collate(batch, pad_id, device)
-        loss = distillation_loss(_scored_logits(model, ids, mask, rows, cols), topk_ids, topk_logprobs,
+        loss = distillation_loss(scored_logits(model, ids, mask, rows, cols), topk_ids, topk_logprobs,
                                  recipe.hard_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
