@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -40,10 +41,26 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def ephemeral_ports_from() -> int:
+    """The lowest port the kernel hands to client sockets (Linux; 32768 where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1", start: int | None = None, taken: set[int] | None = None) -> int:
-    """The first free port from `start` upwards, or any free port if start is None."""
+    """The first free port from `start` upwards, or, if start is None, a random free port below the
+    kernel's ephemeral range with 200 free-to-use ports above it: a client socket's local port comes
+    from that range and could take a chosen port (or the next ones, for arms started from it) between
+    this check and the server's bind, as it did once for a test's second arm."""
     taken = taken or set()
     if start is None:
+        below = ephemeral_ports_from() - 200
+        for _ in range(100):
+            port = random.randrange(10000, max(below, 10001))
+            if port not in taken and not port_in_use(host, port):
+                return port
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
             return sock.getsockname()[1]

@@ -126,3 +126,11 @@ def test_stack_stops_whole_process_group(tmp_path):
         time.sleep(0.05)
     else:
         pytest.fail("grandchild survived")
+
+
+def test_any_free_port_lies_below_the_ephemeral_range_with_room_for_arms_above_it():
+    from core.processes import ephemeral_ports_from, port_in_use
+
+    ports = [free_port() for _ in range(20)]
+    assert all(10000 <= p < ephemeral_ports_from() - 200 for p in ports), ports
+    assert not any(port_in_use("127.0.0.1", p) for p in ports)
