@@ -439,7 +439,6 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
         return budget_spent(recipe, state["step"], state["tokens"])
 
     initial = evaluate() if state["step"] == 0 else None
-    figures = initial
     while done_fraction() < 1.0:
         if not epoch_batches:
             epoch_batches = [[index_of[id(example)] for example in batch]
@@ -461,7 +460,8 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
         state["tokens"] += sum(len(example.topk_ids) for example in batch)
         state["seconds"] += time.monotonic() - started
         state["losses"].append(round(loss.item(), 4))
-        if state["step"] % recipe.eval_every_steps == 0:
+        # The budget's last step is evaluated once, after the loop.
+        if state["step"] % recipe.eval_every_steps == 0 and done_fraction() < 1.0:
             figures = evaluate()
             progress(f"step {state['step']}: loss {sum(state['losses'][-recipe.eval_every_steps:]) / recipe.eval_every_steps:.3f}, "
                      f"held-out top-1 agreement by step {figures['top1_agreement_by_step']}, "
@@ -470,9 +470,7 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
                         "epoch_batches": epoch_batches, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
                        checkpoint)
 
-    # A budget that ends on an evaluation step was evaluated in the loop: not twice.
-    evaluated_now = figures is not None and state["evaluations"][-1]["step"] == state["step"]
-    final = figures if evaluated_now else evaluate()
+    final = evaluate()
     progress(f"trained {state['step']} steps ({ttt_steps} draft steps unrolled) in {state['seconds'] / 60:.1f} min; "
              f"held-out top-1 agreement by step {final['top1_agreement_by_step']}")
     head.to("cpu")

@@ -223,7 +223,6 @@ def train(model, train_set: list[Example], holdout: list[Example], recipe: Recip
         return budget_spent(recipe, state["step"], state["tokens"])
 
     initial = evaluate() if state["step"] == 0 else None
-    figures = initial
     while done_fraction() < 1.0:
         if not epoch_batches:
             epoch_batches = [[index_of[id(example)] for example in batch]
@@ -245,7 +244,8 @@ def train(model, train_set: list[Example], holdout: list[Example], recipe: Recip
         state["tokens"] += sum(len(example.topk_ids) for example in batch)
         state["seconds"] += time.monotonic() - started
         state["losses"].append(round(loss.item(), 4))
-        if state["step"] % recipe.eval_every_steps == 0:
+        # The budget's last step is evaluated once, after the loop.
+        if state["step"] % recipe.eval_every_steps == 0 and done_fraction() < 1.0:
             figures = evaluate()
             progress(f"step {state['step']}: loss {sum(state['losses'][-recipe.eval_every_steps:]) / recipe.eval_every_steps:.3f}, "
                      f"held-out top-1 agreement {figures['top1_agreement']:.3f}, "
@@ -253,9 +253,7 @@ def train(model, train_set: list[Example], holdout: list[Example], recipe: Recip
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
                         "epoch_batches": epoch_batches, "rng": rng.getstate()}, checkpoint)
 
-    # A budget that ends on an evaluation step was evaluated in the loop: not twice.
-    evaluated_now = figures is not None and state["evaluations"][-1]["step"] == state["step"]
-    final = figures if evaluated_now else evaluate()
+    final = evaluate()
     progress(f"trained {state['step']} steps in {state['seconds'] / 60:.1f} min; "
              f"held-out top-1 agreement {final['top1_agreement']:.3f}")
     model.to("cpu")
