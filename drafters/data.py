@@ -15,6 +15,8 @@ from core.config import ConfigError, DrafterConfig
 from drafters.recipe import Recipe
 from drafters.responses import Request
 
+SUBSET_SEED = 0  # which capped subset of a task's train prompts every drafter draws from
+
 
 @dataclass(frozen=True)
 class TrainPrompt:
@@ -36,7 +38,7 @@ def drafter_tasks(drafter: DrafterConfig, rows: list[dict]) -> list[str]:
 
 
 def select_prompts(rows: list[dict], tasks: list[str], recipe: Recipe, tokenizer) -> list[TrainPrompt]:
-    """Train rows of `tasks` (capped per task, seeded), each tokenized with the chat template."""
+    """Train rows of `tasks` (capped per task; the holdout seeded), each tokenized with the chat template."""
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         if row["split"] == "train" and row["task"] in tasks and "control" not in row:
@@ -44,7 +46,9 @@ def select_prompts(rows: list[dict], tasks: list[str], recipe: Recipe, tokenizer
     chosen: list[TrainPrompt] = []
     for task in tasks:
         task_rows = sorted(by_task[task], key=lambda r: r["id"])
-        random.Random(f"{recipe.seed}:{task}").shuffle(task_rows)
+        # The subset is the same for every seed (seed 0's draw), so seeds differ in training, not in
+        # the prompts they could see, and a second seed needs no new target responses.
+        random.Random(f"{SUBSET_SEED}:{task}").shuffle(task_rows)
         task_rows = task_rows[: recipe.max_prompts_per_task]
         # Held out by a hash of the row id, not by position: a prompt held out from a generic
         # drafter stays held out from drafters fine-tuned from it, whatever their caps.

@@ -9,7 +9,10 @@ even prompts, baseline first on odd ones) so that drift cancels, each request
 forced to `max_tokens` output tokens (ignore_eos). A request's step time is its
 TPOT as the gateway's records define it (core/streaming.py); c is the median
 over prompts of drafter TPOT / baseline TPOT. Requests go to the
-servers directly, not through the gateway, so they leave no records.
+servers directly, not through the gateway, so they leave no records. Two
+arms whose draft models have one architecture (config.json and engine
+arguments) share one measurement: c is the cost of the network's step, which
+the weights do not change (the generic and fine-tuned drafters).
 
 An EAGLE-3 head (`eagle3`) cannot be served alone: it drafts from the target's
 hidden states. Its arms are skipped here with a line saying so; their step cost
@@ -31,6 +34,7 @@ of a speculative step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from pathlib import Path
@@ -44,6 +48,7 @@ from core.paths import drafter_dir
 from core.processes import ProcessStack, StartupError, free_port
 from core.streaming import stream_chat
 
+PROVENANCE_FIELDS = ("_name_or_path", "transformers_version")
 METHOD = ("median over {n} eval prompts of the TPOT of the draft model served alone on vLLM over the baseline's "
           "TPOT, {max_tokens} forced output tokens, one request at a time, the two servers alternating")
 
@@ -54,6 +59,17 @@ def draft_model_path(config: ExperimentConfig, arm: ArmConfig) -> str | None:
     if not arm.local or spec is None or spec.method != "draft_model":
         return None
     return str(drafter_dir(config, spec.drafter)) if spec.drafter else spec.model
+
+
+def architecture_key(model: str, engine_args: dict) -> str | None:
+    """What a draft model's step cost depends on: its config.json (without the fields that name where it
+    came from) and the engine arguments; None when `model` is not a local directory."""
+    config_file = Path(model) / "config.json"
+    if not config_file.is_file():
+        return None
+    shape = {k: v for k, v in json.loads(config_file.read_text()).items() if k not in PROVENANCE_FIELDS}
+    text = json.dumps({"config": shape, "engine_args": engine_args}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def decode_step_s(client: httpx.Client, url: str, model: str, messages: list[dict], max_tokens: int) -> float:
@@ -165,6 +181,16 @@ def measure_costs(config: ExperimentConfig, arm_names: list[str], base_url: str,
                      "cannot serve it without the target); its step cost r comes from the served TPOT")
         if model is None or name in measured:
             continue
+        shape = architecture_key(model, arm.engine_args)
+        twin = next((other for other, figures in measured.items() if shape and figures.get("architecture") == shape),
+                    None)
+        if twin is not None:
+            # c is the cost of a step of the network; drafters of one architecture share it by construction.
+            measured[name] = {**measured[twin], "shared_with": twin,
+                              "method": f"{measured[twin]['method']}; measured on {twin}, the same architecture"}
+            _save(cost_path, measured, sweeps)
+            progress(f"cost {name}: c = {measured[name]['c']}, {twin}'s: its draft model has the same architecture")
+            continue
         progress(f"cost {name}: serving its draft model alone to time it against {config.baseline_arm}")
         timer = ArmConfig(name=f"{name}-draft-alone", engine_args=arm.engine_args)
         try:
@@ -176,7 +202,7 @@ def measure_costs(config: ExperimentConfig, arm_names: list[str], base_url: str,
         except (StartupError, RuntimeError, httpx.HTTPError) as err:
             progress(f"cost {name}: not measured ({str(err).splitlines()[0]}); the report estimates c from the records")
             continue
-        measured[name] = figures
+        measured[name] = {**figures, "architecture": shape} if shape else figures
         _save(cost_path, measured, sweeps)
         progress(f"cost {name}: c = {figures['c']} (draft step {figures['draft_step_s'] * 1000:.1f} ms, "
                  f"target step {figures['target_step_s'] * 1000:.1f} ms, {figures['n']} prompts)")

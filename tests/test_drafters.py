@@ -18,7 +18,7 @@ from core.config import ConfigError, DrafterConfig, TargetConfig
 from core.models import directory_hashes
 from drafters.build import distill, expected_hash_of, stale_drafters
 from drafters.card import CARD_FILE, HISTOGRAM_EDGES, card_problem, read_card
-from drafters.data import prompt_ids
+from drafters.data import prompt_ids, select_prompts
 from drafters.model import drafter_from_target, save_drafter
 from drafters.recipe import REDUCED_RECIPE, Recipe, recipe_for
 from drafters.responses import prompt_sha
@@ -130,6 +130,21 @@ def _workload_rows(data_dir: Path, n_per_task: int) -> list[dict]:
     return rows
 
 
+def test_every_seed_draws_the_same_capped_prompts_and_its_own_holdout(tokenizer, data_dir):
+    rows = _workload_rows(data_dir, 40)
+
+    def chosen(seed: int, cap: int):
+        recipe = Recipe(max_prompts_per_task=cap, seed=seed, holdout_fraction=0.3)
+        return select_prompts(rows, ["gsm8k", "wmt22_de_en"], recipe, tokenizer)
+
+    seed0, seed1 = chosen(0, 25), chosen(1, 25)
+    assert sorted(p.row_id for p in seed0) == sorted(p.row_id for p in seed1)
+    assert len(seed0) == 50 and "gsm8k:eval" not in {p.row_id for p in seed0}
+    assert {p.row_id for p in seed0 if p.holdout} != {p.row_id for p in seed1 if p.holdout}
+    # A smaller cap takes a part of the larger one's subset, so its responses are cached already.
+    assert {p.row_id for p in chosen(1, 10)} < {p.row_id for p in seed0}
+
+
 def _fill_response_cache(config, rows, tokenizer, model, top_k: int) -> Path:
     """The target's greedy responses and top-k, computed with transformers, in the distill cache."""
     cache = (config.cache_path / "drafters" / config.target.name / "responses" /
@@ -208,6 +223,32 @@ def test_tiny_distillation_lowers_loss_writes_a_complete_card_and_is_reused(
     assert stale_drafters(config, "another-workload") == ["generic", "narrow"]
     (out / "config.json").write_text((out / "config.json").read_text() + " ")
     assert stale_drafters(config, "test-workload") == ["narrow"]
+
+
+def test_building_several_drafters_generates_their_responses_in_one_vllm_run(
+        cpu_config, target_dir, data_dir, tokenizer, tmp_path, monkeypatch):
+    from drafters import build as build_module
+
+    config = _drafter_config(cpu_config, target_dir, tmp_path / "cache", REDUCED_RECIPE)
+    config.drafters.append(DrafterConfig(name="other", init="generic", tasks=["wmt22_de_en"],
+                                         recipe={**config.drafter("narrow").recipe, "seed": 1}))
+    rows = _rows(tokenizer, _workload_rows(data_dir, 6))
+    runs = []
+
+    class Generated(Exception):
+        pass
+
+    def generate(requests, cache_file, *args, **kwargs):
+        runs.append((sorted(r.id for r in requests), cache_file, args[-1].name))
+        raise Generated  # the rest of the build is the tiny distillation's test
+
+    monkeypatch.setattr(build_module, "generate_responses", generate)
+    with pytest.raises(Generated):
+        build_module.build_drafters(config, ["narrow", "other"], rows, "test-workload", tmp_path / "logs",
+                                    progress=lambda _: None)
+    train_ids = sorted(r["id"] for r in rows if r["split"] == "train")
+    top_k = REDUCED_RECIPE["top_k"]
+    assert runs == [(train_ids, build_module.response_cache(config, top_k), "responses-drafters.log")]
 
 
 def test_card_hashes_detect_changed_inputs_and_files(cpu_config, target_dir, tmp_path):

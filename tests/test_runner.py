@@ -159,3 +159,34 @@ def test_a_crossover_needs_a_drafter_on_each_side(tmp_path):
         config(tmp_path, drafters=drafters, design={"generic": "g", "crossover": {"short": "a", "long": "b"}})
     with pytest.raises(ConfigError, match="design.generic: 'nope' is not in 'drafters'"):
         config(tmp_path, drafters=drafters, design={"generic": "nope"})
+
+
+def test_draft_models_of_one_architecture_share_one_timed_c(tmp_path):
+    from specdrift.cost import architecture_key, measure_costs
+
+    def model_dir(name, **fields):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"num_hidden_layers": 2, **fields}))
+        return str(tmp_path / name)
+
+    spec = {"method": "draft_model", "num_speculative_tokens": 2}
+    c = parse_config({"name": "t", "target": {"name": "tiny"}, "arms": [
+        {"name": "baseline"},
+        {"name": "generic", "speculative": {**spec, "model": model_dir("g", _name_or_path="/a")}},
+        {"name": "tuned", "speculative": {**spec, "model": model_dir("t", _name_or_path="/b")}},
+        {"name": "deeper", "speculative": {**spec, "model": model_dir("d", num_hidden_layers=3)}}]}, tmp_path / "x.yaml")
+    key = architecture_key(str(tmp_path / "g"), {})
+    assert key == architecture_key(str(tmp_path / "t"), {})
+    assert key != architecture_key(str(tmp_path / "d"), {}) and key != architecture_key(str(tmp_path / "g"), {"a": 1})
+    assert architecture_key("org/hub-model", {}) is None
+    cost_path = tmp_path / "cost.json"
+    timed = {"c": 0.31, "method": "timed", "draft_step_s": 0.01, "target_step_s": 0.03, "n": 8, "architecture": key}
+    cost_path.write_text(json.dumps({"arms": {"generic": timed}, "k_sweep": {}}))
+    said = []
+    # No server is reachable at the base URL: the shared c must not need one.
+    measured = measure_costs(c, ["baseline", "generic", "tuned"], "http://127.0.0.1:1", [{"messages": []}] * 4,
+                             cost_path, tmp_path, progress=said.append)
+    assert measured["tuned"] == {**timed, "shared_with": "generic", "method": "timed; measured on generic, the same "
+                                                                              "architecture"}
+    assert json.loads(cost_path.read_text())["arms"]["tuned"]["c"] == 0.31
+    assert said == ["cost tuned: c = 0.31, generic's: its draft model has the same architecture"]
