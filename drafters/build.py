@@ -341,13 +341,13 @@ def generate_responses_together(config: ExperimentConfig, names: list[str], rows
     distill then finds them cached; its card's generation seconds count only what it generated itself."""
     from transformers import AutoTokenizer  # slow to import; see distill
 
-    stale = set(stale_drafters(config, workload_fingerprint))
-    todo: list[str] = []
+    needed = set()  # the drafters distill may build: each named one and its parents
     for name in names:
-        chain = [name]
-        while config.drafter(chain[-1]).init != "target":
-            chain.append(config.drafter(chain[-1]).init)
-        todo += [n for n in reversed(chain) if n in stale and n not in todo]
+        while name != "target":
+            needed.add(name)
+            name = config.drafter(name).init
+    stale = set(stale_drafters(config, workload_fingerprint))
+    todo = [d.name for d in config.drafters if d.name in needed & stale]
     if len(todo) < 2:
         return  # distill generates a single drafter's own
     progress(f"drafters {', '.join(todo)}: their target responses first, in one vLLM run")

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from core.config import ConfigError, DrafterConfig, TargetConfig
-from core.models import directory_hashes
-from drafters.build import distill, expected_hash_of, stale_drafters
+from drafters.build import distill, response_cache, stale_drafters
 from drafters.card import CARD_FILE, HISTOGRAM_EDGES, card_problem, read_card
 from drafters.data import prompt_ids, select_prompts
 from drafters.model import drafter_from_target, save_drafter
@@ -147,8 +146,7 @@ def test_every_seed_draws_the_same_capped_prompts_and_its_own_holdout(tokenizer,
 
 def _fill_response_cache(config, rows, tokenizer, model, top_k: int) -> Path:
     """The target's greedy responses and top-k, computed with transformers, in the distill cache."""
-    cache = (config.cache_path / "drafters" / config.target.name / "responses" /
-             f"{expected_hash_of(directory_hashes(Path(config.target.path)), config.target.dtype)}-top{top_k}.jsonl")
+    cache = response_cache(config, top_k)
     cache.parent.mkdir(parents=True, exist_ok=True)
     with open(cache, "w") as f:
         for row in rows:
@@ -248,7 +246,7 @@ def test_building_several_drafters_generates_their_responses_in_one_vllm_run(
                                     progress=lambda _: None)
     train_ids = sorted(r["id"] for r in rows if r["split"] == "train")
     top_k = REDUCED_RECIPE["top_k"]
-    assert runs == [(train_ids, build_module.response_cache(config, top_k), "responses-drafters.log")]
+    assert runs == [(train_ids, response_cache(config, top_k), "responses-drafters.log")]
 
 
 def test_card_hashes_detect_changed_inputs_and_files(cpu_config, target_dir, tmp_path):
