@@ -244,6 +244,10 @@ def head_from_target(target_model, target_ids: list[int] | None = None, aux_laye
                       target_model.get_output_embeddings().weight, target_ids, aux_layer_ids, norm_before_residual)
 
 
+class _AuxLayersDone(Exception):
+    """Raised once the deepest aux layer's input is captured: the target's later layers are not needed."""
+
+
 @torch.no_grad()
 def target_features(target_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     layer_ids: list[int], logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -252,18 +256,33 @@ def target_features(target_model, input_ids: torch.Tensor, attention_mask: torch
     takes the target's top-k from the response cache, and a 49k-row output head is most of the
     target's cost on a CPU).
 
-    Layer id L is `hidden_states[L]`, except L = num_layers, which vLLM takes before the final norm."""
+    Layer id L is what enters target layer L (transformers' `hidden_states[L]`), and L = num_layers
+    is the last layer's output before the final norm. Without logits the target stops at the deepest
+    aux layer (27 of SmolLM2's 30 layers run)."""
     layer_ids = sorted(layer_ids)
+    body = target_model.model
     num_layers = target_model.config.num_hidden_layers
-    before_norm = []
-    hook = target_model.model.norm.register_forward_hook(lambda module, args, out: before_norm.append(args[0]))
+    stop_at = None if logits or layer_ids[-1] == num_layers else layer_ids[-1]
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(layer_id: int):
+        def hook(module, args, kwargs):
+            captured[layer_id] = args[0] if args else kwargs["hidden_states"]
+            if layer_id == stop_at:
+                raise _AuxLayersDone
+        return hook
+
+    modules = [body.norm if i == num_layers else body.layers[i] for i in layer_ids]
+    hooks = [m.register_forward_pre_hook(capture(i), with_kwargs=True) for m, i in zip(modules, layer_ids)]
+    out = None
     try:
-        run = target_model if logits else target_model.model
-        out = run(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        out = (target_model if logits else body)(input_ids=input_ids, attention_mask=attention_mask)
+    except _AuxLayersDone:
+        pass
     finally:
-        hook.remove()
-    states = [before_norm[0] if i == num_layers else out.hidden_states[i] for i in layer_ids]
-    return torch.cat(states, dim=-1), out.logits if logits else None
+        for hook in hooks:
+            hook.remove()
+    return torch.cat([captured[i] for i in layer_ids], dim=-1), out.logits if logits else None
 
 
 def head_example(task: str, response: dict, vocab: VocabMap, max_seq_len: int) -> Example | None:

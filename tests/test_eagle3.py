@@ -49,6 +49,22 @@ def _examples(target, vocab: VocabMap, n: int, seed: int):
     return out
 
 
+def test_features_without_logits_stop_at_the_deepest_aux_layer_and_equal_the_full_pass():
+    target = _target()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    ran = []
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(target.model.layers)]
+    early, none = target_features(target, ids, mask, [1, 4, 5], logits=False)
+    assert none is None and ran == list(range(5))  # layer 5's input is layer 4's output: layers 5..7 never run
+    ran.clear()
+    full, _ = target_features(target, ids, mask, [1, 4, 5], logits=True)
+    for hook in hooks:
+        hook.remove()
+    assert ran == list(range(LAYERS)) and torch.equal(early, full)
+
+
 def test_target_features_are_the_residual_stream_vllm_feeds_and_the_head_has_its_shapes():
     target = _target()
     ids = torch.randint(0, VOCAB, (2, 7))
