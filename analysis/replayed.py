@@ -30,7 +30,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis import acceptance, chain, inference, stats, text
+from analysis import acceptance, chain, inference, kinds, stats, text
 from analysis.cells import ALL
 from analysis.rundir import RunData, finetune_pairs, scopes, select
 from analysis.schema import ArmInfo, Results
@@ -503,10 +503,15 @@ def k_sweep(points: list[tuple[int, float]]) -> dict | None:
     return {"gammas": gammas.astype(int).tolist(), "r": rs.tolist(), "c": float(c), "v": float(v)}
 
 
-def _cost_model(run: RunData, speed: dict, accept: dict) -> dict | None:
+def log_r_frames(run: RunData, speed: dict, accept: dict) -> dict[str, pd.DataFrame]:
+    """Arm -> its per-request log r frame (_log_r), for the speculative arms with any."""
     arms = [a for a in run.speculative_arms if a.name in speed and a.name in accept and a.num_speculative_tokens]
     logs = {a.name: _log_r(speed[a.name], accept[a.name]) for a in arms}
-    arms = [a for a in arms if len(logs[a.name])]
+    return {name: frame for name, frame in logs.items() if len(frame)}
+
+
+def _cost_model(run: RunData, logs: dict[str, pd.DataFrame]) -> dict | None:
+    arms = [a for a in run.speculative_arms if a.name in logs]
     # Pooled figures cover the (all, all) cell: every task but the controls.
     pooled_logs = {name: select(frame, None, ALL, ALL) for name, frame in logs.items()}
     if not arms:
@@ -648,7 +653,8 @@ def compute_replay(run: RunData, speed: dict, accept: dict, baseline_self: dict 
         return None
     units = prompt_units(run)
     rows = _acceptance(run, units)
-    cost_model = _cost_model(run, speed, accept)
+    logs = log_r_frames(run, speed, accept)
+    cost_model = _cost_model(run, logs)
     coverage = run.replay.prompts.groupby(["task", "stratum"]).size()
     return {
         "info": {"dtype": run.replay.info.get("dtype"), "k": run.replay.k, "max_model_len": run.replay.max_model_len,
@@ -681,6 +687,7 @@ def compute_replay(run: RunData, speed: dict, accept: dict, baseline_self: dict 
         "inference": _inference(run, units),  # issue 12
         "validation": _validation(run, units, baseline_self),
         "cost_model": cost_model,
+        "kinds": kinds.compare_kinds(run, rows, cost_model, logs),  # issue 16
         "projection": _projection(rows, cost_model),
         "profiles": _profiles(run),
     }
@@ -725,6 +732,21 @@ def summary_lines(results: Results) -> list[str]:
             small = f" (small sample: {row.n} prompts)" if row.small_n else ""
             lines.append(f"{entry.finetuned_arm} against {entry.generic_arm} on {row.task} (replay, K = {row.k}): "
                          f"τ ratio {text.with_ci(row.ratio, row.ratio_ci)} over {row.n} prompts: {word}{small}.")
+    found = replay.kinds
+    for ratio in found.ratios if found else []:
+        est = ratio.r_ratio
+        if est.value is None:
+            continue
+        if est.ci is None:
+            word = "too few prompts for an interval"
+        elif stats.excludes(est.ci, 1):
+            word = "cheaper" if est.value < 1 else "dearer"
+            word = f"its step is {word}"
+        else:
+            word = "not distinguishable from equal step cost"
+        lines.append(f"{ratio.arm} ({kinds.KIND_NAMES[ratio.kind]}) against {ratio.reference} "
+                     f"({kinds.KIND_NAMES[ratio.reference_kind]}), served: r ratio {text.with_ci(est.value, est.ci)} "
+                     f"over {est.n} prompts: {word}.")
     lines.append("Projected speed-ups in the replay section are projections from replayed τ and a step-cost "
                  "ratio, not measurements; GPU speed claims come only from GPU runs.")
     return lines

@@ -11,6 +11,7 @@ from analysis import replayed, text
 from analysis.cells import ALL, GAINS, HEADLINE, fit_key, fit_key_parts
 from analysis.document import Bullets, Document, Figure, Heading, Paragraph, Table
 from analysis.figures import draw_all
+from analysis.kinds import KIND_NAMES
 from analysis.replayed import NO_REPLAY
 from analysis.results import compute_results
 from analysis.rundir import load_run
@@ -260,6 +261,32 @@ def _replay_cost(replay) -> list:
     return blocks
 
 
+def _replay_kinds(replay) -> list:
+    found = replay.kinds
+    if found is None:
+        return []
+    rows = [[r.arm, KIND_NAMES.get(r.kind, r.kind), r.drafter, r.init or text.DASH, text.num(r.k),
+             text.with_ci(r.tau, r.tau_ci), text.num(r.tokens_per_step), text.num(r.served_speedup),
+             text.with_ci(r.r.value, r.r.ci) if r.r else text.DASH, text.num(r.c), text.num(r.build_minutes, 3),
+             text.num(r.training_steps), text.num(r.vocabulary)] for r in found.rows]
+    blocks = [Heading(3, "Drafter kinds compared"),
+              Paragraph(f"Kinds in this run: {', '.join(KIND_NAMES.get(k, k) for k in found.kinds)}. τ is the "
+                        "replayed one (all tasks, the served K); TPOT speed-up, r and c are the cost model's "
+                        "(served, sequential regime); build time, steps and vocabulary come from each drafter's "
+                        "card (the build's wall time on the machine that built it)."),
+              Table(["arm", "kind", "drafter", "init", "K", "τ replayed [95% CI]", "tokens/decode step",
+                     "TPOT speed-up", "r [95% CI]", "c", "build (min)", "training steps", "vocabulary"], rows,
+                    "Every drafter arm, by kind")]
+    if found.ratios:
+        blocks += [Paragraph(found.definition.capitalize() + "."),
+                   Table(["arm", "kind", "against", "its kind", "prompts", "r ratio [95% CI]"],
+                         [[x.arm, KIND_NAMES.get(x.kind, x.kind), x.reference,
+                           KIND_NAMES.get(x.reference_kind, x.reference_kind), text.num(x.r_ratio.n),
+                           text.with_ci(x.r_ratio.value, x.r_ratio.ci)] for x in found.ratios],
+                         "Step cost of one kind in steps of the other")]
+    return blocks
+
+
 def _replay_projection(replay) -> list:
     projection = replay.projection
     labels = []
@@ -304,6 +331,7 @@ def _replay_section(results: Results, figures: dict) -> list:
     blocks += _replay_inference(replay)  # issue 12
     blocks += [Heading(3, "Validation against served vLLM")] + _replay_validation(replay)
     blocks += [Heading(3, "Cost model (served)")] + _replay_cost(replay)
+    blocks += _replay_kinds(replay)  # issue 16
     blocks += _replay_projection(replay)
     return blocks
 

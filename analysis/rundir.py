@@ -55,6 +55,10 @@ class Drafter:
     lengths: dict[str, list[int]] = field(default_factory=dict)
     window: int | None = None  # the recipe's max_seq_len; None: the card does not say (lengths uncut)
     recipe: dict = field(default_factory=dict)  # as the card (else the config) gives it: seed, budget
+    # From the card only (empty or None without one): its build's wall time, steps and output vocabulary.
+    build_seconds: dict = field(default_factory=dict)  # {"responses", "training", "total"}
+    training_steps: int | None = None
+    vocabulary: int | None = None  # tokens it drafts over (a trimmed vocabulary's size)
 
 
 @dataclass
@@ -258,6 +262,7 @@ def _drafters(files: RunFiles, config: dict) -> dict[str, Drafter]:
         raw = (card.get("training_data") or {}).get("lengths") or {}
         lengths = {kind: [int(x) for x in raw.get(kind) or []] for kind in ("prompt", "output")}
         window = (card.get("recipe") or {}).get("max_seq_len")
+        shape = card.get("shape") or {}
         if lengths["prompt"] and len(lengths["prompt"]) == len(lengths["output"]):
             if window:  # what training saw: an example without output tokens was not trained on at all
                 seen = [training_window(p, o, int(window)) for p, o in zip(lengths["prompt"], lengths["output"])]
@@ -269,6 +274,9 @@ def _drafters(files: RunFiles, config: dict) -> dict[str, Drafter]:
             tasks=card.get("tasks") or conf.get("tasks") or "all", lengths=lengths,
             window=int(window) if window else None,
             recipe=card.get("recipe") or conf.get("recipe") or {},
+            build_seconds=card.get("build_seconds") or {},
+            training_steps=(card.get("training") or {}).get("steps"),
+            vocabulary=shape.get("draft_vocab_size") or shape.get("vocab_size"),
         )
     return drafters
 

@@ -601,6 +601,42 @@ class CostModel(Section):
     served_alone: str
 
 
+# issue 16: replay["kinds"] (analysis/kinds.py)
+@dataclass(frozen=True)
+class KindRow(Section):
+    arm: str
+    kind: str  # draft_model | eagle3
+    drafter: str
+    k: int | None
+    init: str | None
+    tau: float | None  # replayed, all tasks, served K
+    tau_ci: list[float] | None
+    tokens_per_step: float | None
+    served_speedup: float | None  # TPOT, sequential regime (the cost model's)
+    r: Estimate | None
+    c: float | None
+    build_minutes: float | None  # the card's build wall time
+    training_steps: int | None
+    vocabulary: int | None
+
+
+@dataclass(frozen=True)
+class KindRatio(Section):
+    arm: str
+    kind: str
+    reference: str
+    reference_kind: str
+    r_ratio: Estimate
+
+
+@dataclass(frozen=True)
+class Kinds(Section):
+    kinds: list[str]
+    rows: list[KindRow]
+    ratios: list[KindRatio]
+    definition: str
+
+
 @dataclass(frozen=True)
 class ProjectedRatio(Section):
     label: str
@@ -655,6 +691,7 @@ class Replay(Section):
     projection: Projection
     profiles: dict[str, Profile]
     inference: ReplayInference | None = None  # issue 12; None without a fine-tuned/generic pair
+    kinds: Kinds | None = None  # issue 16; None without a drafter arm
 
     def rows(self, arm: str | None = None, served: bool | None = True) -> list[ReplayAcceptance]:
         return [r for r in self.acceptance if (arm is None or r.arm == arm) and (served is None or r.served == served)]

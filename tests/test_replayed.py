@@ -290,6 +290,11 @@ def test_report_leads_with_the_replay(exact, tmp_path):
     assert "Projection (not a measurement)" in markdown and "](figures/acceptance_context.png)" in markdown
     assert results["summary"][0].startswith("ngram (replay")
     assert results["schema"] == 4
+    # One kind here (two draft models): their rows, with the cost model's r, and no cross-kind ratio.
+    found = results["replay"]["kinds"]
+    assert [r["arm"] for r in found["rows"]] == ["generic", "finetuned"] and found["ratios"] == []
+    assert found["rows"][0]["r"] == results["replay"]["cost_model"]["arms"]["generic"]["r"]
+    assert "Every drafter arm, by kind" in markdown and "Step cost of one kind" not in markdown
 
 
 def test_a_run_without_replay_still_analyses(tmp_path):
