@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,3 +180,14 @@ class ProcessStack:
 
 def _raise_keyboard_interrupt(signum, frame):  # SIGTERM unwinds like Ctrl-C
     raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_unwinds():
+    """Inside, SIGTERM unwinds like Ctrl-C, so every `finally` that stops a child runs (a child started
+    outside a ProcessStack, like the drafters' vLLM run, would otherwise outlive a killed command)."""
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

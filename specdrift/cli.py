@@ -10,6 +10,7 @@ import sys
 
 from core.config import ConfigError
 from core.contracts import WorkloadFileError
+from core.processes import sigterm_unwinds
 from specdrift import commands
 from workload.builder import WorkloadError
 from workload.datasets import DatasetError
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     try:
-        return int(args.handler(args) or 0)
+        with sigterm_unwinds():  # a killed command stops the children it started, whatever it was doing
+            return int(args.handler(args) or 0)
     except ConfigError as err:
         print(f"specdrift: config error: {err}", file=sys.stderr)
         return 2

@@ -1,8 +1,12 @@
 """Launching arms: command lines, environment, and plain failures (no vLLM needed)."""
 
 import json
+import os
+import signal
 import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -126,6 +130,24 @@ def test_stack_stops_whole_process_group(tmp_path):
         time.sleep(0.05)
     else:
         pytest.fail("grandchild survived")
+
+
+def test_a_command_killed_outside_any_stack_still_stops_the_child_it_started(tmp_path):
+    # As `specdrift run` generating drafter responses (a child under try/finally, no ProcessStack):
+    # before sigterm_unwinds, SIGTERM ended the command at once and its vLLM run kept the CPUs.
+    script = ("import sys, time; from pathlib import Path; from core.processes import sigterm_unwinds, start_child\n"
+              "with sigterm_unwinds():\n"
+              "    child = start_child('sleeper', [sys.executable, '-c', 'import time; time.sleep(600)'], "
+              f"Path({str(tmp_path / 'child.log')!r}))\n"
+              "    print(child.pid, flush=True)\n"
+              "    try:\n        time.sleep(600)\n    finally:\n        child.stop()\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+    child_pid = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) != 0  # the interrupt unwinds to an error exit, after the finally
+    with pytest.raises(ProcessLookupError):
+        os.kill(child_pid, 0)
 
 
 def test_any_free_port_lies_below_the_ephemeral_range_with_room_for_arms_above_it():
