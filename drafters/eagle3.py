@@ -276,7 +276,7 @@ def target_features(target_model, input_ids: torch.Tensor, attention_mask: torch
     hooks = [m.register_forward_pre_hook(capture(i), with_kwargs=True) for m, i in zip(modules, layer_ids)]
     out = None
     try:
-        out = (target_model if logits else body)(input_ids=input_ids, attention_mask=attention_mask)
+        out = (target_model if logits else body)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _AuxLayersDone:
         pass
     finally:
@@ -295,7 +295,7 @@ def head_example(task: str, response: dict, vocab: VocabMap, max_seq_len: int) -
     return example
 
 
-def _collate(batch: list[Example], pad_id: int, device: torch.device):
+def collate(batch: list[Example], pad_id: int, device: torch.device):
     """Padded target ids, their mask, the first anchor of each row, and the target's top-k laid out
     by the position whose next token it describes (-1 ids where there is none)."""
     length = max(len(e.input_ids) for e in batch)
@@ -328,7 +328,7 @@ def example_features(target_model, examples: list[Example], layer_ids: list[int]
         return None
     cache = {}
     for batch in batches(examples, batch_tokens, random.Random(0)):
-        ids, mask = _collate(batch, pad_id, device)[:2]
+        ids, mask = collate(batch, pad_id, device)[:2]
         features, _ = target_features(target_model, ids, mask, layer_ids, logits=False)
         for i, example in enumerate(batch):
             cache[id(example)] = features[i, :len(example.input_ids)].float().cpu().clone()  # not a view of the batch
@@ -351,7 +351,7 @@ def _unrolled(head, target_model, batch, pad_id, device, ttt_steps: int, cache: 
 
     Step j (0-based) at anchor t reads token t+1+j at position t+j and predicts the target's
     distribution at position t+1+j; anchors before the prompt's last position are never drafted."""
-    ids, mask, first_anchor, topk_ids, topk_logprobs, has_row = _collate(batch, pad_id, device)
+    ids, mask, first_anchor, topk_ids, topk_logprobs, has_row = collate(batch, pad_id, device)
     if cache is None:
         features, _ = target_features(target_model, ids, mask, head.aux_layer_ids, logits=False)
     else:
@@ -411,6 +411,20 @@ def head_agreement(head, target_model, examples: list[Example], pad_id: int, dev
             "by_task": {t: figures([(h, s) for task, h, s in per_example if task == t]) for t in tasks}}
 
 
+def train_step(head, target_model, batch: list[Example], optimizer, hard_weight: float, ttt_steps: int,
+               step_decay: float, pad_id: int, device, cache: dict | None) -> torch.Tensor:
+    """One optimiser step on `batch`: the unrolled draft steps' summed distillation loss (step j weighted
+    step_decay ** j), its gradient clipped to norm 1. Returns the loss."""
+    steps = _unrolled(head, target_model, batch, pad_id, device, ttt_steps, cache)
+    loss = sum(step_decay ** j * distillation_loss(logits, ids, logprobs, hard_weight)
+               for j, (logits, ids, logprobs, _) in enumerate(steps))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in head.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    return loss
+
+
 def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout: list[Example], recipe: HeadRecipe,
                checkpoint: Path, ttt_steps: int = 2, step_decay: float = 1.0, pad_id: int = 0,
                progress=log.info) -> dict:
@@ -467,13 +481,8 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
         for group in optimizer.param_groups:
             group["lr"] = scheduled_lr(recipe, state["step"], done_fraction())
 
-        steps = _unrolled(head, target_model, batch, pad_id, device, ttt_steps, cache)
-        loss = sum(step_decay ** j * distillation_loss(logits, ids, logprobs, recipe.hard_weight)
-                   for j, (logits, ids, logprobs, _) in enumerate(steps))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        loss = train_step(head, target_model, batch, optimizer, recipe.hard_weight, ttt_steps, step_decay, pad_id,
+                          device, cache)
 
         state["step"] += 1
         state["tokens"] += sum(len(example.topk_ids) for example in batch)
