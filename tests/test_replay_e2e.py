@@ -11,6 +11,8 @@ prompt's accepted count, and every step's, must be what the replay says.
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -26,6 +28,7 @@ PROMPTS_PER_TASK = 3
 MAX_TOKENS = 24
 DRAFT_K = 3
 HEAD_STEPS = 30  # the test head's training: partial acceptance at every depth
+TRIMMED_HEAD_VOCAB = 2048  # the trimmed test head's draft vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -63,25 +66,29 @@ def drafter(cpu_config, target_dir, targets, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def head(target_dir, targets, tmp_path_factory):
+@pytest.fixture(scope="module", params=[None, TRIMMED_HEAD_VOCAB], ids=["full-vocabulary", "trimmed-vocabulary"])
+def head(request, target_dir, targets, tmp_path_factory):
     """An EAGLE-3 head trained for a few steps, with K unrolled steps, on these very targets (the
     target's greedy token as a top-1 label): its drafts at every depth match the target often but
-    not always, and its later drafts, which read its own features, differ from a draft model's."""
+    not always, and its later drafts, which read its own features, differ from a draft model's.
+    Once over the target's vocabulary, once over a trimmed one chosen on the prompts alone (its own
+    output head and d2t table; some output tokens fall outside it, which neither can draft)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from drafters.eagle3 import head_example, head_from_target, save_head, train_head
     from drafters.recipe import HeadRecipe
-    from drafters.vocab import VocabMap
+    from drafters.vocab import VocabMap, choose_vocabulary
 
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
-    vocab = VocabMap(target.config.vocab_size, None, unk_id=0)
+    target_ids = None if request.param is None else choose_vocabulary(
+        AutoTokenizer.from_pretrained(target_dir), request.param, [t["prompt_ids"] for t in targets])
+    vocab = VocabMap(target.config.vocab_size, target_ids, unk_id=0)
     examples = [head_example(t["task"], {**t, "topk_ids": [[i] for i in t["output_ids"]],
                                          "topk_logprobs": [[0.0] for _ in t["output_ids"]]}, vocab, 512)
                 for t in targets]
     examples = [e for e in examples if e is not None]
-    head = head_from_target(target)
+    head = head_from_target(target, target_ids)
     out = tmp_path_factory.mktemp("replay-head")
     recipe = HeadRecipe(max_steps=HEAD_STEPS, learning_rate=3e-3, warmup_steps=2, eval_every_steps=HEAD_STEPS)
     train_head(head, target, examples, examples[:2], recipe, out / "checkpoint.pt", ttt_steps=DRAFT_K,
@@ -138,7 +145,8 @@ def test_eagle3_replay_equals_vllm_per_prompt_and_per_step(cpu_config, rows, tar
     lines = {m["id"]: m for m in head_matches(cpu_config, head, targets, DRAFT_K, progress=lambda message: None)}
     arm = ArmConfig(name="head", engine_args={"enforce-eager": True},
                     speculative=SpeculativeConfig(method="eagle3", model=str(head), num_speculative_tokens=DRAFT_K))
-    url = launch_arm(cpu_config, arm, cpu_config.ports.arms_from + 8, logs, stack, health_timeout_s=600,
+    trimmed = head_vocab_trimmed(head)
+    url = launch_arm(cpu_config, arm, cpu_config.ports.arms_from + 8 + trimmed, logs, stack, health_timeout_s=600,
                      spec_metrics="detailed").url
     served = _served(url, "head", rows)
     accepted = rejected = beyond_first = unlike_a_draft_model = 0
@@ -163,6 +171,14 @@ def test_eagle3_replay_equals_vllm_per_prompt_and_per_step(cpu_config, rows, tar
           f"{unlike_a_draft_model} prompts whose chain differs from a draft model's reading")
     assert accepted and rejected and beyond_first  # the test saw both outcomes, and drafts past the first accepted
     assert unlike_a_draft_model  # the unrolled depths mattered: a draft model's reading would miss vLLM's counts
+    if trimmed:  # output tokens outside the draft vocabulary were met, and marked
+        assert any("0" in line["in_vocab"] for line in lines.values())
+
+
+def head_vocab_trimmed(directory) -> bool:
+    """Whether a saved head drafts over a trimmed vocabulary (it ships d2t)."""
+    config = json.loads((directory / "config.json").read_text())
+    return config["draft_vocab_size"] < config["vocab_size"]
 
 
 def test_ngram_replay_equals_vllm_per_prompt(cpu_config, real_arms, rows, targets):
