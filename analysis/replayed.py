@@ -744,8 +744,8 @@ def summary_lines(results: Results) -> list[str]:
             word = f"its step is {word}"
         else:
             word = "not distinguishable from equal step cost"
-        lines.append(f"{ratio.arm} ({kinds.KIND_NAMES[ratio.kind]}) against {ratio.reference} "
-                     f"({kinds.KIND_NAMES[ratio.reference_kind]}), served: r ratio {text.with_ci(est.value, est.ci)} "
+        lines.append(f"{ratio.arm} ({kinds.KIND_NAMES.get(ratio.kind, ratio.kind)}) against {ratio.reference} "
+                     f"({kinds.KIND_NAMES.get(ratio.reference_kind, ratio.reference_kind)}), served: r ratio {text.with_ci(est.value, est.ci)} "
                      f"over {est.n} prompts: {word}.")
     lines.append("Projected speed-ups in the replay section are projections from replayed τ and a step-cost "
                  "ratio, not measurements; GPU speed claims come only from GPU runs.")

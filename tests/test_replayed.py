@@ -357,3 +357,18 @@ def test_a_timed_k_sweep_in_cost_json_is_fitted_and_named(tmp_path):
     assert sweep["source"] == "timed K sweep (cost.json)" and sweep["gammas"] == [1, 3]
     assert sweep["c"] == pytest.approx(0.15) and sweep["v"] == pytest.approx(1.2)
     assert "none was run" not in model["assumption"]
+
+
+def test_the_summary_states_each_cross_kind_r_ratio_and_whether_it_excludes_one(exact):
+    from analysis.schema import Results
+
+    _, _, results = exact
+    planted = json.loads(json.dumps(results))
+    ratio = {"arm": "head", "kind": "eagle3", "reference": "generic", "reference_kind": "draft_model"}
+    planted["replay"]["kinds"]["ratios"] = [
+        {**ratio, "r_ratio": {"n": 28, "value": 0.86, "ci": [0.8, 0.93]}},
+        {**ratio, "arm": "head-nq", "r_ratio": {"n": 28, "value": 0.97, "ci": [0.9, 1.05]}}]
+    lines = replayed.summary_lines(Results.from_dict(planted))
+    assert ("head (EAGLE-3 head) against generic (draft model), served: r ratio 0.860 [0.800, 0.930] over 28 prompts: "
+            "its step is cheaper.") in lines
+    assert any(line.startswith("head-nq (EAGLE-3 head)") and "not distinguishable" in line for line in lines)
