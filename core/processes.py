@@ -168,14 +168,13 @@ class ProcessStack:
             self.children.pop().stop()
 
     def __enter__(self) -> "ProcessStack":
-        self._previous = {s: signal.getsignal(s) for s in (signal.SIGTERM,)}
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        self._unwinds = sigterm_unwinds()
+        self._unwinds.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop_all()
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self._unwinds.__exit__(None, None, None)
 
 
 def _raise_keyboard_interrupt(signum, frame):  # SIGTERM unwinds like Ctrl-C
