@@ -695,6 +695,15 @@ def compute_replay(run: RunData, speed: dict, accept: dict, baseline_self: dict 
 
 # --- the summary's replay lines -------------------------------------------------------------------------------
 
+def _interval_word(value: float, ci, null: float, above: str, below: str, neither: str) -> str:
+    """What a summary line says of an estimate whose interval may exclude the null value."""
+    if ci is None:
+        return "too few prompts for an interval"
+    if stats.excludes(ci, null):
+        return above if value > null else below
+    return neither
+
+
 def summary_lines(results: Results) -> list[str]:
     """The summary's first lines: the replayed acceptance, the fine-tuned/generic
     answer and the validation verdicts (each sentence from results.json by a stated rule)."""
@@ -722,13 +731,8 @@ def summary_lines(results: Results) -> list[str]:
         for row in entry.rows:
             if not row.served or row.stratum != ALL or row.ratio is None:
                 continue
-            if row.ci is None:
-                word = "too few prompts for an interval"
-            elif stats.excludes(row.ci, 0):
-                word = "higher" if row.mean_y > 0 else "lower"
-                word = f"the fine-tuned drafter's τ is {word}"
-            else:
-                word = "not distinguishable from equal τ"
+            word = _interval_word(row.mean_y, row.ci, 0, "the fine-tuned drafter's τ is higher",
+                                  "the fine-tuned drafter's τ is lower", "not distinguishable from equal τ")
             small = f" (small sample: {row.n} prompts)" if row.small_n else ""
             lines.append(f"{entry.finetuned_arm} against {entry.generic_arm} on {row.task} (replay, K = {row.k}): "
                          f"τ ratio {text.with_ci(row.ratio, row.ratio_ci)} over {row.n} prompts: {word}{small}.")
@@ -737,13 +741,8 @@ def summary_lines(results: Results) -> list[str]:
         est = ratio.r_ratio
         if est.value is None:
             continue
-        if est.ci is None:
-            word = "too few prompts for an interval"
-        elif stats.excludes(est.ci, 1):
-            word = "cheaper" if est.value < 1 else "dearer"
-            word = f"its step is {word}"
-        else:
-            word = "not distinguishable from equal step cost"
+        word = _interval_word(est.value, est.ci, 1, "its step is dearer", "its step is cheaper",
+                              "not distinguishable from equal step cost")
         lines.append(f"{ratio.arm} ({kinds.KIND_NAMES.get(ratio.kind, ratio.kind)}) against {ratio.reference} "
                      f"({kinds.KIND_NAMES.get(ratio.reference_kind, ratio.reference_kind)}), served: r ratio {text.with_ci(est.value, est.ci)} "
                      f"over {est.n} prompts: {word}.")
