@@ -11,8 +11,6 @@ prompt's accepted count, and every step's, must be what the replay says.
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
 
@@ -140,12 +138,13 @@ def test_draft_model_replay_equals_vllm_per_prompt_and_per_step(cpu_config, rows
 
 
 def test_eagle3_replay_equals_vllm_per_prompt_and_per_step(cpu_config, rows, targets, head, stack, logs):
+    from drafters.eagle3 import head_shape
     from drafters.replay_eagle3 import head_matches
 
     lines = {m["id"]: m for m in head_matches(cpu_config, head, targets, DRAFT_K, progress=lambda message: None)}
     arm = ArmConfig(name="head", engine_args={"enforce-eager": True},
                     speculative=SpeculativeConfig(method="eagle3", model=str(head), num_speculative_tokens=DRAFT_K))
-    trimmed = head_vocab_trimmed(head)
+    trimmed = head_shape(head)["trimmed_vocabulary"]
     url = launch_arm(cpu_config, arm, cpu_config.ports.arms_from + 8 + trimmed, logs, stack, health_timeout_s=600,
                      spec_metrics="detailed").url
     served = _served(url, "head", rows)
@@ -174,11 +173,6 @@ def test_eagle3_replay_equals_vllm_per_prompt_and_per_step(cpu_config, rows, tar
     if trimmed:  # output tokens outside the draft vocabulary were met, and marked
         assert any("0" in line["in_vocab"] for line in lines.values())
 
-
-def head_vocab_trimmed(directory) -> bool:
-    """Whether a saved head drafts over a trimmed vocabulary (it ships d2t)."""
-    config = json.loads((directory / "config.json").read_text())
-    return config["draft_vocab_size"] < config["vocab_size"]
 
 
 def test_ngram_replay_equals_vllm_per_prompt(cpu_config, real_arms, rows, targets):
