@@ -11,7 +11,13 @@ Arms are ordered in one of two ways:
 
 - `rotate`: every prompt goes to every arm, in an order that rotates from one
   prompt to the next (A B C, then B C A, then C A B, ...), so that the arms
-  are paired by prompt and by time. A step ends after one pass.
+  are paired by prompt and by time. A step ends after one pass. Where an arm
+  has two slots (the baseline's repeat), the rotation may step by more than
+  one (`rotation_step`), so that no arm is sent two requests in a row: a vLLM
+  server answers faster right after its own previous request (a request that
+  followed its own server's ran at 0.955 of the prompt's median TPOT, against
+  1.000 for the rest, cpu-eagle3 on 2026-12-03), so a slot that follows
+  itself would be timed warm.
 - `blocks`: time is cut into blocks of `block_seconds` and all requests of a
   block go to one arm (A B A B ...); under load this pairs arms in time, where
   rotating would mix arms within a batch. Each arm keeps its own cursor through
@@ -157,6 +163,24 @@ def locust_shape_options(regime: LoadRegime) -> list[str]:
 
 # --- the scheduler --------------------------------------------------------------
 
+def _rotation(arms: list[str], shift: int) -> list[str]:
+    return arms[shift:] + arms[:shift]
+
+
+def rotation_step(arms: list[str]) -> int:
+    """The shift from one prompt's arm order to the next: among the steps coprime with the number of
+    slots (so every order comes round once per cycle), the smallest under which the fewest requests go
+    to the arm that answered the one before, across prompts and cycles too."""
+    n = len(arms)
+
+    def self_follows(step: int) -> int:
+        sequence = [arm for i in range(n) for arm in _rotation(arms, i * step % n)]
+        return sum(a == b for a, b in zip(sequence, sequence[1:] + sequence[:1]))
+
+    return min((step for step in range(1, max(n, 2)) if math.gcd(step, n) == 1),
+               key=lambda step: (self_follows(step), step))
+
+
 @dataclass
 class StepState:
     step: Step
@@ -217,9 +241,9 @@ class Scheduler:
 
     def _rotated(self, regime: str) -> Iterator[tuple[dict, str]]:
         done = Counter({(p, a): n for (r, p, a), n in self.done.items() if r == regime})
+        step = rotation_step(self.arms)
         for i, row in enumerate(self.rows):
-            shift = i % len(self.arms)
-            for arm in self.arms[shift:] + self.arms[:shift]:
+            for arm in _rotation(self.arms, i * step % len(self.arms)):
                 if done[(row["id"], arm)] > 0:
                     done[(row["id"], arm)] -= 1
                     continue

@@ -13,7 +13,7 @@ report. The console gets specdrift's own progress; every child's output
 
 Pairing in time: in the sequential regime each prompt goes to every arm in a
 rotating order, with the baseline twice (its agreement with itself is the
-losslessness noise floor); under load, short blocks of each arm alternate.
+losslessness noise floor), and no arm is sent two requests in a row; under load, short blocks of each arm alternate.
 Only one request is in flight in the sequential regime, so arms never compete
 for cores while being timed there.
 
@@ -200,10 +200,12 @@ def progress_line(label: str, done: int, errors: int, expected: int, elapsed: fl
 
 def regime_arms(config: ExperimentConfig, regime: LoadRegime, live_arms: list[str]) -> list[str]:
     """Arms in a regime; in the sequential regime the baseline goes twice, for
-    its agreement with itself."""
+    its agreement with itself, its repeat half-way round the order from it, so
+    that the rotation never runs the two back to back (loadgen/shapes.py)."""
     arms = list(live_arms)
     if regime.kind == "sequential" and config.baseline_arm in arms:
-        arms.append(config.baseline_arm)
+        slots = len(arms) + 1
+        arms.insert((arms.index(config.baseline_arm) + (slots + 1) // 2) % slots, config.baseline_arm)
     return arms
 
 

@@ -22,6 +22,9 @@ def test_sequential_sends_the_baseline_twice_load_does_not(tmp_path):
     assert regime_arms(c, LoadRegime(kind="sequential"), ["baseline", "ngram"]) == ["baseline", "ngram", "baseline"]
     assert regime_arms(c, LoadRegime(kind="concurrency", users=4), ["baseline", "ngram"]) == ["baseline", "ngram"]
     assert regime_arms(c, LoadRegime(kind="sequential"), ["ngram"]) == ["ngram"]  # baseline died
+    # the repeat half-way round from the baseline, so that the rotation never runs the two back to back
+    assert regime_arms(c, LoadRegime(kind="sequential"), ["baseline", "ngram", "generic", "finetuned"]) == \
+        ["baseline", "ngram", "generic", "baseline", "finetuned"]
 
 
 def test_expected_requests_is_bounded():

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from loadgen.shapes import (Scheduler, ShapeError, Step, format_step, locust_shape_options, parse_step,
-                            parse_sweep, steps_for)
+                            parse_sweep, rotation_step, steps_for)
 from core.config import LoadRegime
 
 
@@ -64,6 +64,29 @@ def test_a_repeated_arm_is_a_slot_of_its_own():
     s = Scheduler(rows(2), ["base", "spec", "base"], [Step("sequential")], clock=clock)
     arms = [j["arm"] for j in drain(s, clock)]
     assert arms == ["base", "spec", "base", "spec", "base", "base"]
+
+
+def test_with_the_baseline_twice_no_arm_is_sent_two_requests_in_a_row():
+    # the sequential regime's slots for four live arms (specdrift/runner.py regime_arms)
+    slots = ["base", "a", "b", "base", "c"]
+    clock = Clock()
+    s = Scheduler(rows(10), slots, [Step("sequential")], clock=clock)
+    jobs = drain(s, clock)
+    arms = [j["arm"] for j in jobs]
+    assert len(arms) == 50
+    assert all(x != y for x, y in zip(arms, arms[1:]))
+    for i in range(10):  # every prompt to every slot
+        assert sorted(arms[5 * i:5 * i + 5]) == sorted(slots)
+        assert {j["row"]["id"] for j in jobs[5 * i:5 * i + 5]} == {f"t:{i}"}
+    for position in range(5):  # over a cycle of five prompts each arm takes each position as often as its slots
+        assert Counter(arms[5 * i + position] for i in range(5)) == Counter(slots)
+
+
+def test_rotation_step_is_one_where_plain_rotation_never_repeats_an_arm():
+    assert rotation_step(["a", "b", "c"]) == 1
+    assert rotation_step(["base", "a", "b", "base", "c", "d"]) == 1
+    assert rotation_step(["base", "a", "b", "base", "c"]) == 3  # by one, the baseline would follow itself across prompts
+    assert rotation_step(["only"]) == 1
 
 
 def test_request_bound_stops_the_run():
