@@ -200,7 +200,10 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict], workload_fing
 def _kind_part(drafter) -> dict:
     """The drafter's kind, for its hashes. Draft models were hashed before drafters had a kind:
     leaving the default out keeps their cached builds current."""
-    return {} if drafter.kind == "draft_model" else {"kind": drafter.kind}
+    if drafter.kind == "draft_model":
+        return {}
+    # A head's features come from a pass in the target's dtype (before 2026-12-03: float32).
+    return {"kind": drafter.kind, "features": "target dtype"}
 
 
 @dataclass
@@ -294,7 +297,8 @@ def _build_head(config: ExperimentConfig, recipe: HeadRecipe, base: dict, tokeni
     from drafters.eagle3 import head_example, head_from_target, head_shape, load_head, save_head, train_head
     from drafters.vocab import VocabMap
 
-    # float32 for training, whatever the arms serve; the head is saved in their dtype.
+    # float32 for training, whatever the arms serve; the head's input features and its saved weights are in
+    # their dtype.
     target = AutoModelForCausalLM.from_pretrained(target_model_arg(config), dtype=torch.float32).eval()
     if base["kind"] == "drafter":
         head = load_head(Path(base["path"]), target)
@@ -306,7 +310,8 @@ def _build_head(config: ExperimentConfig, recipe: HeadRecipe, base: dict, tokeni
         prompts, responses, lambda task, response: head_example(task, response, vocab, recipe.max_seq_len), progress)
     started = time.monotonic()
     record = train_head(head, target, train_set, holdout, recipe, checkpoint, ttt_steps=recipe.ttt_steps,
-                        step_decay=recipe.step_decay, pad_id=target.config.pad_token_id or 0, progress=progress)
+                        step_decay=recipe.step_decay, pad_id=target.config.pad_token_id or 0,
+                        feature_dtype=config.target.dtype, progress=progress)
     training_s = time.monotonic() - started
     save_head(head, staging, dtype=config.target.dtype, trained_draft_steps=recipe.ttt_steps)
     return _Built(record, head_shape(staging), lengths, coverage, training_s)

@@ -25,6 +25,7 @@ picks (2, n // 2, n - 3) when the config names none.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -285,6 +286,17 @@ def target_features(target_model, input_ids: torch.Tensor, attention_mask: torch
     return torch.cat([captured[i] for i in layer_ids], dim=-1), out.logits if logits else None
 
 
+def weights_in(model, dtype: torch.dtype):
+    """`model`, or a copy of it with its weights in `dtype`; its buffers (the rotary frequencies) stay
+    float32, as in a model loaded in that dtype."""
+    if all(p.dtype == dtype for p in model.parameters()):
+        return model
+    twin = copy.deepcopy(model)
+    for parameter in twin.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return twin
+
+
 def head_example(task: str, response: dict, vocab: VocabMap, max_seq_len: int) -> Example | None:
     """A training example for a head: as train.make_example, but its inputs stay target ids (the
     target reads them and the head embeds them with the target's embedding); top-k ids are draft ids."""
@@ -353,7 +365,7 @@ def _unrolled(head, target_model, batch, pad_id, device, ttt_steps: int, cache: 
     distribution at position t+1+j; anchors before the prompt's last position are never drafted."""
     ids, mask, first_anchor, topk_ids, topk_logprobs, has_row = collate(batch, pad_id, device)
     if cache is None:
-        features, _ = target_features(target_model, ids, mask, head.aux_layer_ids, logits=False)
+        features = target_features(target_model, ids, mask, head.aux_layer_ids, logits=False)[0].float()
     else:
         features = _batch_features(cache, batch, ids.shape[1], device)
     embeds = head.embed(ids)
@@ -427,14 +439,19 @@ def train_step(head, target_model, batch: list[Example], optimizer, hard_weight:
 
 def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout: list[Example], recipe: HeadRecipe,
                checkpoint: Path, ttt_steps: int = 2, step_decay: float = 1.0, pad_id: int = 0,
-               progress=log.info) -> dict:
+               feature_dtype: str = "float32", progress=log.info) -> dict:
     """Train the head in place with `ttt_steps` unrolled draft steps until the recipe's step or token
     budget is spent; the loss is the sum over steps of the distillation loss (step j weighted by
-    step_decay ** j). Returns the training record for the card."""
+    step_decay ** j). Returns the training record for the card.
+
+    The target's features come from a pass in `feature_dtype` (the build passes the dtype the arms
+    serve: the head then learns from the hidden states vLLM will feed it), the head trains in float32."""
     device = pick_device(recipe)
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
     target_model.to(device).eval().requires_grad_(False)
+    # Only the features are read from this model (the head holds its own copy of the embedding).
+    features_from = weights_in(target_model, saved_dtype(feature_dtype))
     head.to(device).train()
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
@@ -454,15 +471,15 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
     started = time.monotonic()
     # One cache for both sets, so that the memory limit bounds what training holds.
     featured = train_set + holdout
-    cache = example_features(target_model, featured, head.aux_layer_ids, pad_id, device, recipe.batch_tokens)
+    cache = example_features(features_from, featured, head.aux_layer_ids, pad_id, device, recipe.batch_tokens)
     tokens = sum(len(e.input_ids) for e in featured)
-    progress(f"target features of {tokens} tokens computed once ({time.monotonic() - started:.0f}s)"
+    progress(f"target features of {tokens} tokens computed once in {feature_dtype} ({time.monotonic() - started:.0f}s)"
              if cache is not None else
              f"target features of {tokens} tokens exceed {FEATURE_CACHE_MAX_BYTES / 2**30:.0f} GiB: "
              "every step runs the target")
 
     def evaluate():
-        figures = head_agreement(head, target_model, holdout, pad_id, device, recipe.batch_tokens, ttt_steps, cache)
+        figures = head_agreement(head, features_from, holdout, pad_id, device, recipe.batch_tokens, ttt_steps, cache)
         state["evaluations"].append({"step": state["step"], "minutes": round(state["seconds"] / 60, 2),
                                      "top1_agreement": figures["top1_agreement"],
                                      "top1_agreement_by_step": figures["top1_agreement_by_step"]})
@@ -481,7 +498,7 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
         for group in optimizer.param_groups:
             group["lr"] = scheduled_lr(recipe, state["step"], done_fraction())
 
-        loss = train_step(head, target_model, batch, optimizer, recipe.hard_weight, ttt_steps, step_decay, pad_id,
+        loss = train_step(head, features_from, batch, optimizer, recipe.hard_weight, ttt_steps, step_decay, pad_id,
                           device, cache)
 
         state["step"] += 1
@@ -512,6 +529,7 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
         "device": device.type,
         "ttt_steps": ttt_steps,
         "step_decay": step_decay,
+        "feature_dtype": str(saved_dtype(feature_dtype)).removeprefix("torch."),
         "loss_first": round(sum(state["losses"][:window]) / window, 4),
         "loss_last": round(sum(state["losses"][-window:]) / window, 4),
         "holdout_before": initial,

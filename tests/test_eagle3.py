@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from drafters import eagle3
 from drafters.eagle3 import (ARCHITECTURE, TRAINED_STEPS_FIELD, default_aux_layers, head_example, head_from_target,
-                             load_head, save_head, target_features, train_head)
+                             load_head, save_head, target_features, train_head, weights_in)
 from drafters.recipe import REDUCED_RECIPE, Recipe
 from drafters.vocab import VocabMap
 
@@ -230,6 +230,30 @@ def test_features_over_the_memory_limit_are_not_cached_and_training_runs_the_tar
     record = train_head(head_from_target(target, KEPT), target, examples, examples[:1], _recipe(max_steps=2),
                         tmp_path / "c.pt", ttt_steps=2, progress=lines.append)
     assert record["steps"] == 2 and any("every step runs the target" in line for line in lines)
+
+
+def test_features_in_the_served_dtype_come_from_a_bfloat16_twin_and_the_target_is_left_float32(tmp_path, monkeypatch):
+    target = _target()
+    twin = weights_in(target, torch.bfloat16)
+    assert weights_in(target, torch.float32) is target
+    assert all(p.dtype == torch.bfloat16 for p in twin.parameters())
+    assert twin.model.rotary_emb.inv_freq.dtype == torch.float32  # as in a model loaded in bfloat16
+    ids = torch.randint(0, VOCAB, (2, 9))
+    f32 = target_features(target, ids, torch.ones_like(ids), [2, 4, 5], logits=False)[0]
+    bf16 = target_features(twin, ids, torch.ones_like(ids), [2, 4, 5], logits=False)[0]
+    assert bf16.dtype == torch.bfloat16 and not torch.equal(bf16.float(), f32)
+    torch.testing.assert_close(bf16.float(), f32, rtol=0.05, atol=0.05)
+
+    vocab = VocabMap(VOCAB, KEPT, unk_id=0)
+    examples = _examples(target, vocab, 4, seed=5)
+    seen = []
+    real = eagle3.example_features
+    monkeypatch.setattr(eagle3, "example_features", lambda model, *a, **k: seen.append(model) or real(model, *a, **k))
+    record = train_head(head_from_target(target, KEPT), target, examples, examples[:1], _recipe(max_steps=2),
+                        tmp_path / "c.pt", ttt_steps=2, feature_dtype="bfloat16", progress=lambda m: None)
+    assert record["feature_dtype"] == "bfloat16" and record["steps"] == 2
+    assert [next(m.parameters()).dtype for m in seen] == [torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in target.parameters())
 
 
 def test_a_resumed_head_training_equals_an_uninterrupted_one(tmp_path, monkeypatch):
