@@ -174,7 +174,8 @@ def main() -> int:
         counters = {a: counter_tau(client, url[a]) for a in names}
 
     report: dict = {"arms": {}, "contrast": {}, "eval_prompts": {t: len(results[baseline][t]) for t in tasks}}
-    print(f"\n{'arm':<12}{'task':<14}{'K':>2}{'tau':>7}{'alpha':>7}{'vllm_rate':>10}  {'per-position':<18}"
+    width = max([12, *(len(a) + 2 for a in names)])  # arm names as long as "head-finetuned" stay apart from the task
+    print(f"\n{'arm':<{width}}{'task':<14}{'K':>2}{'tau':>7}{'alpha':>7}{'vllm_rate':>10}  {'per-position':<18}"
           f"{'tok/s b1':>9}{'base b1':>9}{'TPOT x':>8}{'r':>6}")
     for a in names:
         k = k_of[a]
@@ -194,7 +195,7 @@ def main() -> int:
                                                 "tpot_speedup_batch1": tpot_ratio, "step_cost_r": step_cost,
                                                 "identical_outputs": f"{same}/{len(mine)}"}
             positions = "/".join(f"{p:.2f}" for p in acc["per_position"])
-            print(f"{a:<12}{task:<14}{k:>2}{acc['tau'] or 0:>7.3f}{acc['alpha'] or 0:>7.3f}"
+            print(f"{a:<{width}}{task:<14}{k:>2}{acc['tau'] or 0:>7.3f}{acc['alpha'] or 0:>7.3f}"
                   f"{acc['draft_acceptance_rate'] or 0:>10.3f}  {positions:<18}{speed:>9.1f}{base_speed:>9.1f}"
                   f"{tpot_ratio or 0:>8.3f}{step_cost or 0:>6.2f}")
         card = read_card(drafter_dir(config, config.arm(a).speculative.drafter))
