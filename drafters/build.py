@@ -104,12 +104,12 @@ def distill(config: ExperimentConfig, name: str, rows: list[dict], workload_fing
     # checking that drafters are up to date (stale_drafters) needs neither.
     from transformers import AutoTokenizer
 
-    started = time.monotonic()
     drafter = config.drafter(name)
     recipe = recipe_for(drafter)
     out = drafter_dir(config, name)
     if drafter.init != "target":
         distill(config, drafter.init, rows, workload_fingerprint, log_dir, progress=progress)  # reused when current
+    started = time.monotonic()  # after the parent: a card's build time is its own drafter's
 
     quick = fingerprint(config, name, workload_fingerprint)
     tokenizer = AutoTokenizer.from_pretrained(target_model_arg(config))

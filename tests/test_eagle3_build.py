@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from core.arms import TRAINED_STEPS_FIELD, vllm_command
 from core.config import parse_config
 from core.paths import drafter_dir
+from drafters import build
 from drafters.build import distill, drafter_summary, expected_hash_of, stale_drafters
 from drafters.card import read_card
 from drafters.data import prompt_ids
@@ -207,6 +209,27 @@ def test_unchanged_heads_are_reused_and_a_changed_recipe_rebuilds(built):
     changed = config.model_copy(deep=True)
     changed.drafters[1].recipe = {**FINETUNE, "step_decay": 0.5}
     assert stale_drafters(changed, "w") == ["head-alpha"]
+
+
+def test_a_fine_tuned_head_that_builds_its_parent_first_times_only_its_own_build(built, monkeypatch):
+    tmp_path, rows = built["tmp"], built["rows"]
+    config = _config(tmp_path, "c")
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    for name in ("head", "head-alpha"):
+        shutil.rmtree(drafter_dir(config, name))
+    # The parent's build is made to look an hour long: the clock jumps once it returns.
+    offset, real_monotonic, real_distill = [0.0], time.monotonic, build.distill
+
+    def parent_then_an_hour(*args, **kwargs):
+        out = real_distill(*args, **kwargs)
+        offset[0] += 3600.0
+        return out
+
+    monkeypatch.setattr(build.time, "monotonic", lambda: real_monotonic() + offset[0])
+    monkeypatch.setattr(build, "distill", parent_then_an_hour)
+    real_distill(config, "head-alpha", rows, "w", tmp_path / "logs", progress=lambda m: None)
+    assert offset[0] == 3600.0 and read_card(drafter_dir(config, "head"))["build_seconds"]["total"] < 3600
+    assert read_card(drafter_dir(config, "head-alpha"))["build_seconds"]["total"] < 3600
 
 
 def test_an_interrupted_head_build_resumes_from_its_checkpoint_to_the_same_weights(built, monkeypatch):
