@@ -267,7 +267,7 @@ def _replay_kinds(replay) -> list:
         return []
     rows = [[r.arm, KIND_NAMES.get(r.kind, r.kind), r.drafter, r.init or text.DASH, text.num(r.k),
              text.with_ci(r.tau, r.tau_ci), text.num(r.tokens_per_step), text.num(r.served_speedup),
-             text.with_ci(r.r.value, r.r.ci) if r.r else text.DASH, text.num(r.c), text.num(r.build_minutes, 3),
+             text.with_ci(r.r.value, r.r.ci) if r.r else text.DASH, text.num(r.c), text.num(r.build_minutes, 1),
              text.num(r.training_steps), text.num(r.vocabulary)] for r in found.rows]
     blocks = [Heading(3, "Drafter kinds compared"),
               Paragraph(f"Kinds in this run: {', '.join(KIND_NAMES.get(k, k) for k in found.kinds)}. τ is the "
