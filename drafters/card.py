@@ -45,8 +45,11 @@ Format (`format: "specdrift-drafter-card/1"`), all keys always present:
 - `training`: steps, minutes, device, first/last loss, held-out figures before
   and after (top-1 agreement = per-token acceptance α on the target's own
   responses, and the mean acceptance length τ it implies for K = 1..3,
-  overall and per task), and the evaluation history.
-- `build_seconds`: `{"responses", "training", "total"}` wall time of this build.
+  overall and per task), and the evaluation history; a head's also has
+  `ttt_steps`, `step_decay` and `feature_dtype` (the dtype of the target pass
+  its input features came from).
+- `build_seconds`: `{"responses", "training", "total"}` wall time of this build
+  (a parent built in the same call is not counted).
 - `files`: sha256 of every file in the drafter directory except the card.
 - `software`: versions of torch, transformers and vLLM used.
 - `created`: UTC time, ISO 8601.
