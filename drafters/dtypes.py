@@ -14,3 +14,8 @@ def saved_dtype(name: str) -> torch.dtype:
 def loaded_dtype(name: str) -> torch.dtype | str:
     """The dtype to load a model in for inference; "auto" keeps the checkpoint's own."""
     return TORCH_DTYPES.get(name, "auto")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's dtype as a config or card writes it: "bfloat16", not "torch.bfloat16"."""
+    return str(dtype).removeprefix("torch.")

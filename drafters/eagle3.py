@@ -40,7 +40,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from core.arms import TRAINED_STEPS_FIELD  # beside the launcher, which checks an arm's K against it
-from drafters.dtypes import saved_dtype
+from drafters.dtypes import dtype_name, saved_dtype
 from drafters.recipe import HeadRecipe
 from drafters.train import (Example, batches, budget_spent, chain_tau, distillation_loss, make_example,
                             pick_device, scheduled_lr)
@@ -451,7 +451,8 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
     rng = random.Random(recipe.seed)
     target_model.to(device).eval().requires_grad_(False)
     # Only the features are read from this model (the head holds its own copy of the embedding).
-    features_from = weights_in(target_model, saved_dtype(feature_dtype))
+    features_dtype = saved_dtype(feature_dtype)
+    features_from = weights_in(target_model, features_dtype)
     head.to(device).train()
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
@@ -529,7 +530,7 @@ def train_head(head: Eagle3Head, target_model, train_set: list[Example], holdout
         "device": device.type,
         "ttt_steps": ttt_steps,
         "step_decay": step_decay,
-        "feature_dtype": str(saved_dtype(feature_dtype)).removeprefix("torch."),
+        "feature_dtype": dtype_name(features_dtype),
         "loss_first": round(sum(state["losses"][:window]) / window, 4),
         "loss_last": round(sum(state["losses"][-window:]) / window, 4),
         "holdout_before": initial,
@@ -548,7 +549,7 @@ def save_head(head: Eagle3Head, directory: Path, dtype: str = "bfloat16", traine
                for name, t in head.state_dict().items()}
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     config = head.config.to_dict()
-    config["dtype"] = str(torch_dtype).removeprefix("torch.")
+    config["dtype"] = dtype_name(torch_dtype)
     config[TRAINED_STEPS_FIELD] = trained_draft_steps if trained_draft_steps is not None else head.trained_draft_steps
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

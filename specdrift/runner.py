@@ -13,7 +13,8 @@ report. The console gets specdrift's own progress; every child's output
 
 Pairing in time: in the sequential regime each prompt goes to every arm in a
 rotating order, with the baseline twice (its agreement with itself is the
-losslessness noise floor), and no arm is sent two requests in a row; under load, short blocks of each arm alternate.
+losslessness noise floor), and no arm is sent two requests in a row; under
+load, short blocks of each arm alternate.
 Only one request is in flight in the sequential regime, so arms never compete
 for cores while being timed there.
 
